@@ -1,0 +1,52 @@
+/// \file
+/// Every environment variable torch-mpu reads, and every tuning default, in one place.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+
+namespace mpu {
+
+// --- Logging -----------------------------------------------------------------------------------
+/// Log level: "error", "warn", "info" (default) or "debug".
+inline constexpr const char* kEnvLogLevel = "MPU_LOG_LEVEL";
+
+// --- Communication -----------------------------------------------------------------------------
+/// Seconds a collective may take before the communicator aborts it and throws `mpu::Timeout`.
+inline constexpr const char* kEnvCommTimeout = "MPU_COMM_TIMEOUT_SEC";
+/// Default deadline of one collective, and of a rendezvous.
+inline constexpr std::chrono::seconds kDefaultCommTimeout{300};
+/// How often a waiting communicator polls for asynchronous errors and dead peers.
+inline constexpr std::chrono::milliseconds kCommPollInterval{1};
+
+// --- Launch (torchrun, SLURM, Open MPI) ----------------------------------------------------------
+inline constexpr const char* kEnvRank = "RANK";
+inline constexpr const char* kEnvWorldSize = "WORLD_SIZE";
+inline constexpr const char* kEnvLocalRank = "LOCAL_RANK";
+inline constexpr const char* kEnvLocalWorldSize = "LOCAL_WORLD_SIZE";
+inline constexpr const char* kEnvMasterAddr = "MASTER_ADDR";
+inline constexpr const char* kEnvMasterPort = "MASTER_PORT";
+inline constexpr const char* kEnvSlurmProcId = "SLURM_PROCID";
+inline constexpr const char* kEnvSlurmNTasks = "SLURM_NTASKS";
+inline constexpr const char* kEnvSlurmLocalId = "SLURM_LOCALID";
+inline constexpr const char* kEnvSlurmNTasksPerNode = "SLURM_NTASKS_PER_NODE";
+inline constexpr const char* kEnvSlurmNodeList = "SLURM_JOB_NODELIST";
+inline constexpr const char* kEnvOmpiRank = "OMPI_COMM_WORLD_RANK";
+inline constexpr const char* kEnvOmpiSize = "OMPI_COMM_WORLD_SIZE";
+inline constexpr const char* kEnvOmpiLocalRank = "OMPI_COMM_WORLD_LOCAL_RANK";
+inline constexpr const char* kEnvOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
+/// The rendezvous port when MASTER_PORT is unset.
+inline constexpr int kDefaultMasterPort = 29500;
+inline constexpr const char* kEnvCudaVisibleDevices = "CUDA_VISIBLE_DEVICES";
+
+// --- Data --------------------------------------------------------------------------------------
+/// Overrides the Fashion-MNIST directory.
+inline constexpr const char* kEnvFashionMnistDir = "FASHION_MNIST_DIR";
+/// Where Debian's dataset-fashion-mnist package installs the gzip idx files.
+inline constexpr const char* kDefaultFashionMnistDir = "/usr/share/datasets/fashion-mnist";
+
+// --- Packing and stepping ----------------------------------------------------------------------
+/// Gradient bucket size for overlapped communication.
+inline constexpr std::size_t kDefaultBucketBytes = std::size_t{25} << 20;
+
+}  // namespace mpu

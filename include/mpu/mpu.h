@@ -1,0 +1,8 @@
+/// \file
+/// Includes the whole public API of torch-mpu.
+#pragma once
+
+#include "mpu/config.h"
+#include "mpu/defaults.h"
+#include "mpu/error.h"
+#include "mpu/version.h"
