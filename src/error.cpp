@@ -1,6 +1,5 @@
 #include "mpu/error.h"
 
-
 namespace mpu::detail {
 
 std::string where(const char* file, int line) {

@@ -25,8 +25,8 @@ TEST_CASE("MPU_CHECK throws InvalidArgument with file:line, message and conditio
   const int iterators = 3;
   const int line = __LINE__ + 2;
   auto fn = [&] {
-    MPU_CHECK(iterators == devices, "MultiprocessParallelUpdater: ", iterators,
-              " iterators for ", devices, " devices");
+    MPU_CHECK(iterators == devices, "MultiprocessParallelUpdater: ", iterators, " iterators for ",
+              devices, " devices");
   };
   REQUIRE_THROWS_AS(fn(), mpu::InvalidArgument);
   const std::string msg = message_of(fn);

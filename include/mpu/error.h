@@ -68,12 +68,12 @@ std::string library_error(const char* file, int line, const char* lib, const cha
 /// Throws `mpu::InvalidArgument` when `cond` is false. The remaining arguments are streamed into
 /// the message; write them for the user: what was being done, which argument, the values seen.
 /// The condition's text is appended: "... (check `n > 0` failed)".
-#define MPU_CHECK(cond, ...)                                                               \
-  do {                                                                                     \
-    if (!(cond)) {                                                                         \
-      ::mpu::detail::raise<::mpu::InvalidArgument>(__FILE__, __LINE__, __VA_ARGS__,        \
-                                                   " (check `" #cond "` failed)");         \
-    }                                                                                      \
+#define MPU_CHECK(cond, ...)                                                        \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
+      ::mpu::detail::raise<::mpu::InvalidArgument>(__FILE__, __LINE__, __VA_ARGS__, \
+                                                   " (check `" #cond "` failed)");  \
+    }                                                                               \
   } while (0)
 
 /// Throws `E` (an `mpu::Error` subclass) with a message streamed from the arguments.
@@ -81,29 +81,28 @@ std::string library_error(const char* file, int line, const char* lib, const cha
 
 /// Evaluates a CUDA runtime call and throws `mpu::Error` when it returns anything but
 /// `cudaSuccess`. Needs <cuda_runtime_api.h> at the point of use.
-#define MPU_CUDA_CHECK(call)                                                                \
-  do {                                                                                      \
-    const cudaError_t mpu_status_ = (call);                                                 \
-    if (mpu_status_ != cudaSuccess) {                                                       \
-      (void)cudaGetLastError();                                                             \
-      throw ::mpu::Error(::mpu::detail::library_error(__FILE__, __LINE__, "CUDA", #call,    \
-                                                      cudaGetErrorName(mpu_status_),        \
-                                                      cudaGetErrorString(mpu_status_)));    \
-    }                                                                                       \
+#define MPU_CUDA_CHECK(call)                                                             \
+  do {                                                                                   \
+    const cudaError_t mpu_status_ = (call);                                              \
+    if (mpu_status_ != cudaSuccess) {                                                    \
+      (void)cudaGetLastError();                                                          \
+      throw ::mpu::Error(::mpu::detail::library_error(__FILE__, __LINE__, "CUDA", #call, \
+                                                      cudaGetErrorName(mpu_status_),     \
+                                                      cudaGetErrorString(mpu_status_))); \
+    }                                                                                    \
   } while (0)
 
 /// Evaluates an NCCL call and throws `mpu::CommError` when it returns anything but
 /// `ncclSuccess` (or `ncclInProgress`, for non-blocking communicators). The message carries
 /// `ncclGetErrorString` and NCCL's last error text. Needs <nccl.h> at the point of use.
-#define MPU_NCCL_CHECK(call)                                                                \
-  do {                                                                                      \
-    const ncclResult_t mpu_status_ = (call);                                                \
-    if (mpu_status_ != ncclSuccess && mpu_status_ != ncclInProgress) {                      \
-      const char* mpu_last_ = ncclGetLastError(nullptr);                                    \
-      throw ::mpu::CommError(::mpu::detail::library_error(                                  \
-          __FILE__, __LINE__, "NCCL", #call, ::mpu::detail::cat("ncclResult ", mpu_status_),\
-          ::mpu::detail::cat(ncclGetErrorString(mpu_status_),                               \
-                             (mpu_last_ && *mpu_last_) ? ": " : "",                          \
-                             mpu_last_ ? mpu_last_ : "")));                                  \
-    }                                                                                       \
+#define MPU_NCCL_CHECK(call)                                                                       \
+  do {                                                                                             \
+    const ncclResult_t mpu_status_ = (call);                                                       \
+    if (mpu_status_ != ncclSuccess && mpu_status_ != ncclInProgress) {                             \
+      const char* mpu_last_ = ncclGetLastError(nullptr);                                           \
+      throw ::mpu::CommError(::mpu::detail::library_error(                                         \
+          __FILE__, __LINE__, "NCCL", #call, ::mpu::detail::cat("ncclResult ", mpu_status_),       \
+          ::mpu::detail::cat(ncclGetErrorString(mpu_status_),                                      \
+                             (mpu_last_ && *mpu_last_) ? ": " : "", mpu_last_ ? mpu_last_ : ""))); \
+    }                                                                                              \
   } while (0)

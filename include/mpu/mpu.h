@@ -5,4 +5,6 @@
 #include "mpu/config.h"
 #include "mpu/defaults.h"
 #include "mpu/error.h"
+#include "mpu/scaling.h"
+#include "mpu/updater.h"
 #include "mpu/version.h"
