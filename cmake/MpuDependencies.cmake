@@ -102,3 +102,15 @@ foreach(_f CUDA NCCL GLOO)
     set(MPU_${_f}_ENABLED_01 0)
   endif()
 endforeach()
+
+# In a user's tree (add_subdirectory), imported targets found here would be visible only in this
+# directory, yet mpu::mpu hands them on to the user's targets: make them global.
+if(NOT MPU_TOP_LEVEL)
+  get_directory_property(_mpu_imported IMPORTED_TARGETS)
+  foreach(_t IN LISTS _mpu_imported)
+    get_target_property(_global ${_t} IMPORTED_GLOBAL)
+    if(NOT _global)
+      set_target_properties(${_t} PROPERTIES IMPORTED_GLOBAL TRUE)
+    endif()
+  endforeach()
+endif()

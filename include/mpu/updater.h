@@ -4,8 +4,17 @@
 
 #include <torch/torch.h>
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
 #include <string>
+#include <vector>
+
+#include "mpu/defaults.h"
+#include "mpu/iterator.h"
+#include "mpu/scaling.h"
 
 namespace mpu {
 
@@ -52,6 +61,202 @@ class Updater {
   virtual void load(torch::serialize::InputArchive& archive) = 0;
 
   virtual void finalize() {}
+};
+
+/// Computes the loss of one batch (already on the updater's device). Call `mpu::report` inside
+/// it to record observations; they are kept in the main process only.
+using LossFunction = std::function<torch::Tensor(const Batch&)>;
+
+/// Moves a batch to a device. The default moves data and target with `non_blocking = true`.
+using Converter = std::function<Batch(const Batch&, const torch::Device&)>;
+
+/// The default converter: `{data.to(device, true), target.to(device, true)}`.
+Batch to_device(const Batch& batch, const torch::Device& device);
+
+/// How the data-parallel updaters synchronise one step. Only MasterStep exists now.
+enum class Strategy {
+  kMasterStep,  ///< the seed's: reduce gradients to rank 0, step there, broadcast parameters
+};
+
+/// Options shared by every updater.
+struct UpdaterOptions {
+  /// How gradients are combined across processes, and whether the optimizer is rescaled for it.
+  ScalingPolicy scaling = ScalingPolicy::sum();
+  /// Moves each batch to the device; empty means `to_device`.
+  Converter converter;
+  /// Called after an `update()` whose batch crossed an epoch end (Chainer's auto_new_epoch), for
+  /// example to step a learning-rate scheduler per epoch. Runs in the main process only.
+  std::function<void(Updater&)> on_new_epoch;
+  /// Dtype in which gradients travel: torch::kFloat (default), torch::kBFloat16 or torch::kHalf.
+  torch::Dtype wire_dtype = torch::kFloat;
+  Strategy strategy = Strategy::kMasterStep;
+  /// Deadline of every collective, and of process start-up.
+  std::chrono::milliseconds timeout = kDefaultCommTimeout;
+};
+
+/// One process, one device (CPU or GPU): next batch -> converter -> loss -> zero grads ->
+/// backward -> optimizer step. The reference every data-parallel updater is tested against.
+class StandardUpdater : public Updater {
+ public:
+  /// Moves `model` (and the optimizer's state) to `device`. The optimizer must hold the model's
+  /// parameters and outlive the updater. The policy's rescaling does not apply (n = 1).
+  StandardUpdater(std::shared_ptr<torch::nn::Module> model, torch::optim::Optimizer& optimizer,
+                  std::shared_ptr<Iterator> iterator, LossFunction loss_fn,
+                  torch::Device device = torch::kCPU, UpdaterOptions options = {});
+
+  void update() override;
+  std::int64_t iteration() const override { return iteration_; }
+  std::int64_t epoch() const override;
+  double epoch_detail() const override;
+  bool is_new_epoch() const override;
+  torch::Device device() const override { return device_; }
+  torch::nn::Module& model() override { return *model_; }
+  torch::optim::Optimizer& optimizer() { return optimizer_; }
+  Iterator& iterator() { return *iterator_; }
+
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+ private:
+  std::shared_ptr<torch::nn::Module> model_;
+  torch::optim::Optimizer& optimizer_;
+  std::shared_ptr<Iterator> iterator_;
+  LossFunction loss_fn_;
+  torch::Device device_;
+  UpdaterOptions options_;
+  std::int64_t iteration_ = 0;
+};
+
+namespace detail {
+class MasterStep;
+struct WorkerSet;
+}  // namespace detail
+
+/// Chainer's MultiprocessParallelUpdater: one process (the master) drives one worker process per
+/// extra device. Its API and semantics are the seed's:
+///
+/// - The master owns the model and the optimizer; `devices[0]` is the master's device and
+///   `iterators[i]` feeds `devices[i]`.
+/// - Workers are forked lazily, at the first `update()`. Each worker sets one intra-op thread
+///   (GNU OpenMP does not survive a fork), moves its copy of the model to its device and joins
+///   the communicator (NCCL for GPUs, with the unique id sent through a pipe; Gloo for CPUs,
+///   through a TCPStore the master serves).
+/// - Each `update()`: the master sends "update" to every worker; every process runs forward
+///   and backward on its own batch; gradients are reduced (summed, or averaged with
+///   `ScalingPolicy::mean()`) to the master, which alone steps the optimizer; the parameters
+///   are broadcast back. Every process ends the step with bit-identical parameters.
+/// - The optimizer is rescaled once, at construction, for `devices.size()` processes.
+/// - Only the master reports observations and runs extensions.
+/// - `finalize()`, and the destructor, stop and reap every worker.
+///
+/// Because it forks, CUDA must not be initialised in this process before the first `update()`:
+/// count GPUs with `mpu::local_gpus()` (NVML), never with torch::cuda. It is checked.
+class MultiprocessParallelUpdater : public Updater {
+ public:
+  /// Throws `mpu::InvalidArgument` when the iterators and devices differ in number, the
+  /// iterators' datasets differ in length, a GPU is listed twice or is not present, CPU and GPU
+  /// devices are mixed, the model has no parameters, or CUDA is already initialised.
+  MultiprocessParallelUpdater(std::shared_ptr<torch::nn::Module> model,
+                              torch::optim::Optimizer& optimizer,
+                              std::vector<std::shared_ptr<Iterator>> iterators,
+                              LossFunction loss_fn, std::vector<torch::Device> devices,
+                              UpdaterOptions options = {});
+  /// Chainer's dict form: `devices["main"]` is the master's device, the others follow in key
+  /// order, matched with `iterators[1..]`.
+  MultiprocessParallelUpdater(std::shared_ptr<torch::nn::Module> model,
+                              torch::optim::Optimizer& optimizer,
+                              std::vector<std::shared_ptr<Iterator>> iterators,
+                              LossFunction loss_fn,
+                              const std::map<std::string, torch::Device>& devices,
+                              UpdaterOptions options = {});
+  ~MultiprocessParallelUpdater() override;
+  MultiprocessParallelUpdater(const MultiprocessParallelUpdater&) = delete;
+  MultiprocessParallelUpdater& operator=(const MultiprocessParallelUpdater&) = delete;
+
+  void update() override;
+  std::int64_t iteration() const override { return iteration_; }
+  std::int64_t epoch() const override;
+  double epoch_detail() const override;
+  bool is_new_epoch() const override;
+  int world_size() const override { return static_cast<int>(devices_.size()); }
+  torch::Device device() const override { return devices_.front(); }
+  torch::nn::Module& model() override { return *model_; }
+  torch::optim::Optimizer& optimizer() { return optimizer_; }
+  const std::vector<torch::Device>& devices() const { return devices_; }
+  /// The changes the rescaling made at construction.
+  const std::vector<ScalingChange>& scaling_changes() const { return scaling_changes_; }
+  /// Process ids of the workers; empty before the first update and after `finalize()`.
+  std::vector<int> worker_pids() const;
+
+  void save(torch::serialize::OutputArchive& archive) const override;
+  /// Restores model, optimizer (with its already rescaled options), iterator and iteration.
+  /// Before the first update the workers are forked later from the loaded state; after it, the
+  /// parameters are broadcast to the workers at once.
+  void load(torch::serialize::InputArchive& archive) override;
+  void finalize() override;
+
+ private:
+  void start();
+  [[noreturn]] void run_worker(int k, int fd) noexcept;
+  [[noreturn]] void fail(const std::exception& cause);
+
+  std::shared_ptr<torch::nn::Module> model_;
+  torch::optim::Optimizer& optimizer_;
+  std::vector<std::shared_ptr<Iterator>> iterators_;
+  LossFunction loss_fn_;
+  std::vector<torch::Device> devices_;
+  UpdaterOptions options_;
+  std::vector<ScalingChange> scaling_changes_;
+  std::int64_t iteration_ = 0;
+  std::shared_ptr<Communicator> comm_;
+  std::unique_ptr<detail::MasterStep> step_;
+  std::unique_ptr<detail::WorkerSet> workers_;
+  bool finalized_ = false;
+};
+
+/// The same step as `MultiprocessParallelUpdater`, with one instance per rank, under
+/// `mpu::init()` (torchrun, srun, mpirun) or `mpu::spawn()`. Every rank constructs it with the
+/// same model architecture and calls `update()` the same number of times.
+///
+/// At construction it moves the model to the communicator's device, rescales the optimizer for
+/// `comm->size()` processes, checks that every rank has the same parameter names, shapes and
+/// dtypes (throwing `mpu::InvalidArgument` that names the first difference), and broadcasts
+/// parameters and buffers (BatchNorm running statistics, say) from rank 0.
+class DistributedUpdater : public Updater {
+ public:
+  DistributedUpdater(std::shared_ptr<torch::nn::Module> model, torch::optim::Optimizer& optimizer,
+                     std::shared_ptr<Iterator> iterator, LossFunction loss_fn,
+                     std::shared_ptr<Communicator> comm, UpdaterOptions options = {});
+  ~DistributedUpdater() override;
+
+  void update() override;
+  std::int64_t iteration() const override { return iteration_; }
+  std::int64_t epoch() const override;
+  double epoch_detail() const override;
+  bool is_new_epoch() const override;
+  bool is_main() const override;
+  int rank() const override;
+  int world_size() const override;
+  Communicator* communicator() override { return comm_.get(); }
+  torch::Device device() const override;
+  torch::nn::Module& model() override { return *model_; }
+  torch::optim::Optimizer& optimizer() { return optimizer_; }
+  const std::vector<ScalingChange>& scaling_changes() const { return scaling_changes_; }
+
+  void save(torch::serialize::OutputArchive& archive) const override;
+  /// Every rank must call it (it broadcasts rank 0's loaded parameters).
+  void load(torch::serialize::InputArchive& archive) override;
+
+ private:
+  std::shared_ptr<torch::nn::Module> model_;
+  torch::optim::Optimizer& optimizer_;
+  std::shared_ptr<Iterator> iterator_;
+  LossFunction loss_fn_;
+  std::shared_ptr<Communicator> comm_;
+  UpdaterOptions options_;
+  std::vector<ScalingChange> scaling_changes_;
+  std::int64_t iteration_ = 0;
+  std::unique_ptr<detail::MasterStep> step_;
 };
 
 }  // namespace mpu

@@ -1,0 +1,504 @@
+// MultiprocessParallelUpdater: the master process forks one worker per extra device and drives
+// them through one Unix socket each (the seed used pipes; a socket lets the master write with
+// MSG_NOSIGNAL, so a dead worker is an error, not a SIGPIPE).
+//
+// Messages, master -> worker: 'R' + rendezvous (NCCL unique id, or the TCPStore port), then
+// 'U' (update), 'S' + blob (load state: parameters follow by broadcast), 'P' (send your
+// iterator state), 'F' (finish). Worker -> master: 'P' replies, and 'E' + text when the worker
+// fails, just before it exits.
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <ATen/Parallel.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "log.h"
+#include "master_step.h"
+#include "mpu/communicator.h"
+#include "mpu/error.h"
+#include "mpu/launch.h"
+#include "mpu/updater.h"
+#include "updater_common.h"
+
+namespace mpu {
+namespace detail {
+namespace {
+
+constexpr std::chrono::seconds kWorkerExitGrace{10};
+
+void write_all(int fd, const void* data, std::size_t n) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) MPU_THROW(CommError, "worker socket: send failed: ", std::strerror(errno));
+    p += w;
+    n -= static_cast<std::size_t>(w);
+  }
+}
+
+// Reads exactly n bytes; false on a clean EOF before the first byte.
+bool read_all(int fd, void* data, std::size_t n) {
+  char* p = static_cast<char*>(data);
+  std::size_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::recv(fd, p + got, n - got, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r == 0 && got == 0) return false;
+    if (r <= 0) MPU_THROW(CommError, "worker socket: connection lost mid-message");
+    got += static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+void send_blob(int fd, char tag, const std::string& blob) {
+  const std::uint64_t n = blob.size();
+  write_all(fd, &tag, 1);
+  write_all(fd, &n, sizeof n);
+  write_all(fd, blob.data(), blob.size());
+}
+
+std::string read_blob(int fd) {
+  std::uint64_t n = 0;
+  if (!read_all(fd, &n, sizeof n)) MPU_THROW(CommError, "worker socket: closed");
+  std::string blob(n, '\0');
+  if (n > 0 && !read_all(fd, blob.data(), n)) MPU_THROW(CommError, "worker socket: closed");
+  return blob;
+}
+
+std::string serialize(const std::function<void(torch::serialize::OutputArchive&)>& fn) {
+  torch::serialize::OutputArchive archive;
+  fn(archive);
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+void deserialize(const std::string& blob,
+                 const std::function<void(torch::serialize::InputArchive&)>& fn) {
+  std::istringstream in(blob);
+  torch::serialize::InputArchive archive;
+  archive.load_from(in);
+  fn(archive);
+}
+
+std::string describe_status(int status) {
+  if (WIFEXITED(status)) return cat("exited with status ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) {
+    return cat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")");
+  }
+  return cat("ended with wait status ", status);
+}
+
+}  // namespace
+
+struct Worker {
+  int rank = 0;
+  torch::Device device = torch::kCPU;
+  pid_t pid = -1;
+  int fd = -1;  // the master's end of the socket pair
+  bool reaped = false;
+  int status = 0;
+};
+
+struct WorkerSet {
+  std::vector<Worker> workers;
+  std::optional<StoreServer> store;  // Gloo only: the master serves the rendezvous
+
+  // Reaps worker `w` if it has exited (or waits up to `wait` for it to); true when reaped.
+  bool reap(Worker& w, std::chrono::milliseconds wait) {
+    if (w.reaped) return true;
+    const auto deadline = std::chrono::steady_clock::now() + wait;
+    for (;;) {
+      const pid_t r = ::waitpid(w.pid, &w.status, WNOHANG);
+      if (r == w.pid || (r < 0 && errno == ECHILD)) {
+        w.reaped = true;
+        return true;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
+  // The error text a failed worker sent before exiting, if any.
+  static std::string error_text(const Worker& w) {
+    pollfd p{w.fd, POLLIN, 0};
+    std::string text;
+    while (::poll(&p, 1, 0) > 0 && (p.revents & POLLIN)) {
+      char tag = 0;
+      if (!read_all(w.fd, &tag, 1)) break;
+      if (tag == 'E') return read_blob(w.fd);
+      if (tag == 'P') (void)read_blob(w.fd);
+    }
+    return text;
+  }
+
+  // Throws CommError describing the first worker that has died, if any.
+  void raise_if_dead(std::chrono::milliseconds wait) {
+    for (auto& w : workers) {
+      if (!reap(w, wait)) continue;
+      const std::string why = error_text(w);
+      MPU_THROW(CommError, "MultiprocessParallelUpdater: worker ", w.rank, " (", w.device.str(),
+                ", pid ", w.pid, ") ", describe_status(w.status),
+                why.empty() ? std::string() : ": " + why);
+    }
+  }
+
+  // Asks every worker to finish, waits, kills the ones that do not, and reaps all. noexcept.
+  void stop() noexcept {
+    for (auto& w : workers) {
+      if (w.fd >= 0) {
+        const char f = 'F';
+        (void)::send(w.fd, &f, 1, MSG_NOSIGNAL);
+      }
+    }
+    for (auto& w : workers) {
+      if (!reap(w, kWorkerExitGrace)) {
+        ::kill(w.pid, SIGKILL);
+        reap(w, std::chrono::hours(1));
+      }
+      if (w.fd >= 0) ::close(w.fd);
+      w.fd = -1;
+    }
+    workers.clear();
+    store.reset();
+  }
+};
+
+}  // namespace detail
+
+namespace {
+
+std::vector<torch::Device> devices_from_map(const std::map<std::string, torch::Device>& devices) {
+  auto main = devices.find("main");
+  MPU_CHECK(main != devices.end(),
+            "MultiprocessParallelUpdater: the devices map needs a \"main\" entry for the master, "
+            "got ", devices.size(), " entries without one");
+  std::vector<torch::Device> out{main->second};
+  for (const auto& [name, device] : devices) {
+    if (name != "main") out.push_back(device);
+  }
+  return out;
+}
+
+void validate(const torch::nn::Module& model, const std::vector<std::shared_ptr<Iterator>>& its,
+              const LossFunction& loss_fn, const std::vector<torch::Device>& devices) {
+  const char* who = "MultiprocessParallelUpdater";
+  MPU_CHECK(!devices.empty(), who, ": no devices given");
+  MPU_CHECK(its.size() == devices.size(), who, ": ", its.size(), " iterators for ",
+            devices.size(), " devices; give one iterator per device (mpu::split_iterators "
+            "makes them)");
+  MPU_CHECK(static_cast<bool>(loss_fn), who, ": loss_fn is empty");
+  for (std::size_t i = 0; i < its.size(); ++i) {
+    MPU_CHECK(its[i] != nullptr, who, ": iterator ", i, " is null");
+  }
+  for (std::size_t i = 1; i < its.size(); ++i) {
+    MPU_CHECK(its[i]->dataset_size() == its[0]->dataset_size(), who, ": the datasets differ in "
+              "length: iterator 0 has ", its[0]->dataset_size(), " examples, iterator ", i,
+              " has ", its[i]->dataset_size(), ". Every device must run the same number of "
+              "batches per epoch; split with mpu::split_dataset_n_random");
+  }
+  const bool gpu = devices[0].is_cuda();
+  std::set<int> seen;
+  for (std::size_t i = 0; i < devices.size(); ++i) {
+    const auto& d = devices[i];
+    MPU_CHECK(d.is_cuda() || d.is_cpu(), who, ": device ", i, " is ", d.str(),
+              "; only CPU and CUDA devices are supported");
+    MPU_CHECK(d.is_cuda() == gpu, who, ": devices mix CPU and GPU (device 0 is ",
+              devices[0].str(), ", device ", i, " is ", d.str(), "); use only GPUs or only CPUs");
+    if (!d.is_cuda()) continue;
+    const int index = d.has_index() ? d.index() : 0;
+    MPU_CHECK(seen.insert(index).second, who, ": device ", d.str(), " is listed twice; each "
+              "GPU runs one process");
+    const int count = local_gpu_count();
+    MPU_CHECK(index < count, who, ": device ", d.str(), " is not present; this machine has ",
+              count, " visible GPU(s)");
+  }
+  if (gpu) {
+    MPU_CHECK(!cuda_initialized(), who, ": CUDA is already initialised in this process, and "
+              "the workers it forks could not use it. Construct the updater (and count GPUs with "
+              "mpu::local_gpus(), which uses NVML) before anything touches CUDA: no "
+              "torch::cuda::device_count(), no model.to(kCUDA), no CUDA tensors before the "
+              "first update(). Or run one process per GPU with DistributedUpdater and "
+              "mpu::spawn()/torchrun");
+  }
+  (void)model;
+}
+
+}  // namespace
+
+MultiprocessParallelUpdater::MultiprocessParallelUpdater(
+    std::shared_ptr<torch::nn::Module> model, torch::optim::Optimizer& optimizer,
+    std::vector<std::shared_ptr<Iterator>> iterators, LossFunction loss_fn,
+    std::vector<torch::Device> devices, UpdaterOptions options)
+    : model_(std::move(model)),
+      optimizer_(optimizer),
+      iterators_(std::move(iterators)),
+      loss_fn_(std::move(loss_fn)),
+      devices_(std::move(devices)),
+      options_(std::move(options)) {
+  MPU_CHECK(model_ != nullptr, "MultiprocessParallelUpdater: model is null");
+  detail::check_has_parameters(*model_, "MultiprocessParallelUpdater");
+  validate(*model_, iterators_, loss_fn_, devices_);
+  scaling_changes_ = apply_scaling(optimizer_, static_cast<int>(devices_.size()),
+                                   options_.scaling);
+}
+
+MultiprocessParallelUpdater::MultiprocessParallelUpdater(
+    std::shared_ptr<torch::nn::Module> model, torch::optim::Optimizer& optimizer,
+    std::vector<std::shared_ptr<Iterator>> iterators, LossFunction loss_fn,
+    const std::map<std::string, torch::Device>& devices, UpdaterOptions options)
+    : MultiprocessParallelUpdater(std::move(model), optimizer, std::move(iterators),
+                                  std::move(loss_fn), devices_from_map(devices),
+                                  std::move(options)) {}
+
+MultiprocessParallelUpdater::~MultiprocessParallelUpdater() {
+  try {
+    finalize();
+  } catch (const std::exception& e) {
+    MPU_LOG_ERROR("MultiprocessParallelUpdater: finalize failed in the destructor: ", e.what());
+  }
+}
+
+std::vector<int> MultiprocessParallelUpdater::worker_pids() const {
+  std::vector<int> pids;
+  if (workers_) {
+    for (const auto& w : workers_->workers) pids.push_back(w.pid);
+  }
+  return pids;
+}
+
+void MultiprocessParallelUpdater::start() {
+  const int n = static_cast<int>(devices_.size());
+  const bool gpu = devices_[0].is_cuda();
+  MPU_CHECK(!gpu || !cuda_initialized(),
+            "MultiprocessParallelUpdater: CUDA was initialised after the updater was built and "
+            "before its first update(); the workers it forks could not use it. Leave CUDA alone "
+            "until the first update() has run");
+  auto set = std::make_unique<detail::WorkerSet>();
+  for (int k = 1; k < n; ++k) {
+    int fds[2];
+    MPU_CHECK(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0,
+              "MultiprocessParallelUpdater: socketpair failed: ", std::strerror(errno));
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      ::close(fds[0]);
+      ::close(fds[1]);
+      set->stop();
+      MPU_THROW(Error, "MultiprocessParallelUpdater: fork failed: ", std::strerror(errno));
+    }
+    if (pid == 0) {
+      ::close(fds[0]);
+      for (const auto& w : set->workers) ::close(w.fd);
+      run_worker(k, fds[1]);  // never returns
+    }
+    ::close(fds[1]);
+    set->workers.push_back(detail::Worker{k, devices_[k], pid, fds[0]});
+  }
+  workers_ = std::move(set);
+
+  // Rendezvous: an NCCL unique id for GPUs, a TCPStore for CPUs, sent through the sockets.
+  std::string rendezvous;
+  if (gpu) {
+    const NcclUniqueId id = nccl_unique_id();
+    rendezvous.assign(id.begin(), id.end());
+  } else {
+    workers_->store = serve_store(0, options_.timeout);
+    rendezvous = std::to_string(workers_->store->port);
+  }
+  for (auto& w : workers_->workers) detail::send_blob(w.fd, 'R', rendezvous);
+
+  try {
+    model_->to(devices_[0]);
+    detail::move_optimizer_state(optimizer_, devices_[0]);
+    if (gpu) {
+      NcclUniqueId id;
+      std::copy(rendezvous.begin(), rendezvous.end(), id.begin());
+      comm_ = make_nccl_communicator(id, 0, n, devices_[0].index(), options_.timeout);
+    } else {
+      comm_ = make_gloo_communicator(workers_->store->store, 0, n, options_.timeout);
+    }
+    step_ = std::make_unique<detail::MasterStep>(*model_, *comm_, options_.scaling.reduction,
+                                                 options_.wire_dtype);
+    step_->broadcast_parameters();
+    step_->broadcast_buffers();
+  } catch (const std::exception& e) {
+    fail(e);
+  }
+}
+
+[[noreturn]] void MultiprocessParallelUpdater::run_worker(int k, int fd) noexcept {
+  int code = 0;
+  try {
+    // GNU OpenMP does not survive fork(): one intra-op thread, as torchrun's default.
+    at::set_num_threads(1);
+    detail::clear_reporter();
+    char tag = 0;
+    if (!detail::read_all(fd, &tag, 1)) ::_exit(0);  // the master went away before starting
+    MPU_CHECK(tag == 'R', "worker ", k, ": expected the rendezvous message, got '", tag, "'");
+    const std::string rendezvous = detail::read_blob(fd);
+    const torch::Device device = devices_[k];
+    const int n = static_cast<int>(devices_.size());
+    model_->to(device);
+    std::shared_ptr<Communicator> comm;
+    if (device.is_cuda()) {
+      NcclUniqueId id;
+      std::copy(rendezvous.begin(), rendezvous.end(), id.begin());
+      comm = make_nccl_communicator(id, k, n, device.index(), options_.timeout);
+    } else {
+      comm = make_gloo_communicator(connect_store("127.0.0.1", std::stoi(rendezvous),
+                                                  options_.timeout),
+                                    k, n, options_.timeout);
+    }
+    detail::MasterStep step(*model_, *comm, options_.scaling.reduction, options_.wire_dtype);
+    step.broadcast_parameters();
+    step.broadcast_buffers();
+    Iterator& iterator = *iterators_[k];
+    for (;;) {
+      if (!detail::read_all(fd, &tag, 1)) break;  // the master is gone
+      if (tag == 'F') break;
+      if (tag == 'U') {
+        detail::forward_backward(iterator, options_, loss_fn_, device, [&] { step.zero_grad(); });
+        step.reduce_gradients();
+        step.broadcast_parameters();
+      } else if (tag == 'P') {
+        detail::send_blob(fd, 'P', detail::serialize([&](auto& a) { iterator.save(a); }));
+      } else if (tag == 'S') {
+        const std::string blob = detail::read_blob(fd);
+        detail::deserialize(blob, [&](auto& a) { iterator.load(a); });
+        step.broadcast_parameters();
+        step.broadcast_buffers();
+      } else {
+        MPU_THROW(Error, "worker ", k, ": unknown message '", tag, "'");
+      }
+    }
+  } catch (const std::exception& e) {
+    code = 2;
+    try {
+      detail::send_blob(fd, 'E', e.what());
+    } catch (...) {
+    }
+    MPU_LOG_ERROR("MultiprocessParallelUpdater worker ", k, " (", devices_[k].str(),
+                  ") failed: ", e.what());
+  } catch (...) {
+    code = 3;
+  }
+  // Leave without running the parent's atexit handlers and static destructors.
+  ::_exit(code);
+}
+
+void MultiprocessParallelUpdater::fail(const std::exception& cause) {
+  // A failed collective usually means a worker died: name it rather than the collective.
+  const std::string what = cause.what();
+  try {
+    workers_->raise_if_dead(std::chrono::milliseconds(2000));
+  } catch (const CommError& e) {
+    const std::string msg = e.what();
+    finalize();
+    throw CommError(msg + " [during: " + what + "]");
+  }
+  finalize();
+  if (dynamic_cast<const Timeout*>(&cause)) throw Timeout(what);
+  if (dynamic_cast<const CommError*>(&cause)) throw CommError(what);
+  if (dynamic_cast<const InvalidArgument*>(&cause)) throw InvalidArgument(what);
+  throw Error(what);
+}
+
+void MultiprocessParallelUpdater::update() {
+  MPU_CHECK(!finalized_, "MultiprocessParallelUpdater: update() after finalize()");
+  if (!workers_) start();
+  try {
+    workers_->raise_if_dead(std::chrono::milliseconds(0));
+    for (auto& w : workers_->workers) {
+      const char u = 'U';
+      detail::write_all(w.fd, &u, 1);
+    }
+    detail::forward_backward(*iterators_[0], options_, loss_fn_, devices_[0],
+                             [this] { step_->zero_grad(); });
+    step_->reduce_gradients();
+    optimizer_.step();
+    step_->broadcast_parameters();
+  } catch (const std::exception& e) {
+    fail(e);
+  }
+  ++iteration_;
+  if (iterators_[0]->is_new_epoch() && options_.on_new_epoch) options_.on_new_epoch(*this);
+}
+
+std::int64_t MultiprocessParallelUpdater::epoch() const { return iterators_[0]->epoch(); }
+double MultiprocessParallelUpdater::epoch_detail() const {
+  return iterators_[0]->epoch_detail();
+}
+bool MultiprocessParallelUpdater::is_new_epoch() const { return iterators_[0]->is_new_epoch(); }
+
+void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive) const {
+  detail::save_state(archive, *model_, optimizer_, *iterators_[0], iteration_);
+  // The workers' iterators advance in the workers; ask them for their state.
+  for (std::size_t k = 1; k < iterators_.size(); ++k) {
+    std::string blob;
+    if (workers_) {
+      auto& w = workers_->workers[k - 1];
+      const char p = 'P';
+      detail::write_all(w.fd, &p, 1);
+      char tag = 0;
+      MPU_CHECK(detail::read_all(w.fd, &tag, 1) && tag == 'P',
+                "MultiprocessParallelUpdater: worker ", k, " did not answer the save request");
+      blob = detail::read_blob(w.fd);
+    } else {
+      blob = detail::serialize([&](auto& a) { iterators_[k]->save(a); });
+    }
+    archive.write("iterator_blob_" + std::to_string(k),
+                  torch::tensor(std::vector<std::uint8_t>(blob.begin(), blob.end()),
+                                torch::kUInt8));
+  }
+}
+
+void MultiprocessParallelUpdater::load(torch::serialize::InputArchive& archive) {
+  MPU_CHECK(!finalized_, "MultiprocessParallelUpdater: load() after finalize()");
+  const torch::Device device = workers_ ? devices_[0] : torch::Device(torch::kCPU);
+  iteration_ = detail::load_state(archive, *model_, optimizer_, *iterators_[0], device);
+  std::vector<std::string> blobs(iterators_.size());
+  for (std::size_t k = 1; k < iterators_.size(); ++k) {
+    torch::Tensor bytes;
+    MPU_CHECK(archive.try_read("iterator_blob_" + std::to_string(k), bytes),
+              "MultiprocessParallelUpdater load: the snapshot has no state for iterator ", k,
+              "; it was written for ", k, " device(s), this updater has ", iterators_.size());
+    auto c = bytes.contiguous();
+    blobs[k].assign(reinterpret_cast<const char*>(c.data_ptr<std::uint8_t>()),
+                    static_cast<std::size_t>(c.numel()));
+    if (!workers_) detail::deserialize(blobs[k], [&](auto& a) { iterators_[k]->load(a); });
+  }
+  if (!workers_) return;  // the workers fork from the loaded state
+  try {
+    for (std::size_t k = 1; k < iterators_.size(); ++k) {
+      detail::send_blob(workers_->workers[k - 1].fd, 'S', blobs[k]);
+    }
+    step_ = std::make_unique<detail::MasterStep>(*model_, *comm_, options_.scaling.reduction,
+                                                 options_.wire_dtype);
+    step_->broadcast_parameters();
+    step_->broadcast_buffers();
+  } catch (const std::exception& e) {
+    fail(e);
+  }
+}
+
+void MultiprocessParallelUpdater::finalize() {
+  if (finalized_) return;
+  finalized_ = true;
+  step_.reset();
+  if (workers_) workers_->stop();
+  comm_.reset();
+  workers_.reset();
+}
+
+}  // namespace mpu

@@ -1,0 +1,178 @@
+#include "mpu/updater.h"
+
+#include "master_step.h"
+#include "mpu/communicator.h"
+#include "mpu/error.h"
+#include "updater_common.h"
+
+namespace mpu {
+
+Batch to_device(const Batch& batch, const torch::Device& device) {
+  return Batch(batch.data.to(device, /*non_blocking=*/true),
+               batch.target.to(device, /*non_blocking=*/true));
+}
+
+namespace detail {
+
+torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options,
+                               const LossFunction& loss_fn, const torch::Device& device,
+                               const std::function<void()>& zero_grad) {
+  const Batch batch = iterator.next();
+  const Batch on_device = options.converter ? options.converter(batch, device)
+                                            : to_device(batch, device);
+  torch::Tensor loss;
+  {
+    ReportScope scope("main");
+    loss = loss_fn(on_device);
+  }
+  MPU_CHECK(loss.defined() && loss.numel() == 1,
+            "update: the loss function must return a tensor with one element, got ",
+            loss.defined() ? cat(loss.sizes()) : std::string("an undefined tensor"));
+  zero_grad();
+  loss.backward();
+  return loss;
+}
+
+void save_state(torch::serialize::OutputArchive& archive, const torch::nn::Module& model,
+                const torch::optim::Optimizer& optimizer, const Iterator& iterator,
+                std::int64_t iteration) {
+  torch::serialize::OutputArchive m, o, it;
+  model.save(m);
+  optimizer.save(o);
+  iterator.save(it);
+  archive.write("model", m);
+  archive.write("optimizer", o);
+  archive.write("iterator", it);
+  archive.write("iteration", torch::tensor(iteration, torch::kInt64));
+}
+
+std::int64_t load_state(torch::serialize::InputArchive& archive, torch::nn::Module& model,
+                        torch::optim::Optimizer& optimizer, Iterator& iterator,
+                        const torch::Device& device) {
+  torch::serialize::InputArchive m, o, it;
+  MPU_CHECK(archive.try_read("model", m) && archive.try_read("optimizer", o) &&
+                archive.try_read("iterator", it),
+            "updater load: the archive has no model, optimizer or iterator section; it was not "
+            "written by an updater's save()");
+  try {
+    model.load(m);
+  } catch (const c10::Error& e) {
+    MPU_THROW(InvalidArgument, "updater load: the saved model does not match this model: ",
+              e.what_without_backtrace());
+  }
+  model.to(device);
+  optimizer.load(o);
+  move_optimizer_state(optimizer, device);
+  iterator.load(it);
+  torch::Tensor iteration;
+  MPU_CHECK(archive.try_read("iteration", iteration), "updater load: no iteration count");
+  return iteration.item<std::int64_t>();
+}
+
+}  // namespace detail
+
+// ------------------------------------------------------------------------------------------------
+// StandardUpdater
+
+StandardUpdater::StandardUpdater(std::shared_ptr<torch::nn::Module> model,
+                                 torch::optim::Optimizer& optimizer,
+                                 std::shared_ptr<Iterator> iterator, LossFunction loss_fn,
+                                 torch::Device device, UpdaterOptions options)
+    : model_(std::move(model)),
+      optimizer_(optimizer),
+      iterator_(std::move(iterator)),
+      loss_fn_(std::move(loss_fn)),
+      device_(device),
+      options_(std::move(options)) {
+  MPU_CHECK(model_ != nullptr, "StandardUpdater: model is null");
+  MPU_CHECK(iterator_ != nullptr, "StandardUpdater: iterator is null");
+  MPU_CHECK(static_cast<bool>(loss_fn_), "StandardUpdater: loss_fn is empty");
+  detail::check_has_parameters(*model_, "StandardUpdater");
+  model_->to(device_);
+  detail::move_optimizer_state(optimizer_, device_);
+  apply_scaling(optimizer_, 1, options_.scaling);
+}
+
+void StandardUpdater::update() {
+  detail::forward_backward(*iterator_, options_, loss_fn_, device_,
+                           [this] { detail::zero_grads(*model_); });
+  optimizer_.step();
+  ++iteration_;
+  if (iterator_->is_new_epoch() && options_.on_new_epoch) options_.on_new_epoch(*this);
+}
+
+std::int64_t StandardUpdater::epoch() const { return iterator_->epoch(); }
+double StandardUpdater::epoch_detail() const { return iterator_->epoch_detail(); }
+bool StandardUpdater::is_new_epoch() const { return iterator_->is_new_epoch(); }
+
+void StandardUpdater::save(torch::serialize::OutputArchive& archive) const {
+  detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);
+}
+
+void StandardUpdater::load(torch::serialize::InputArchive& archive) {
+  iteration_ = detail::load_state(archive, *model_, optimizer_, *iterator_, device_);
+}
+
+// ------------------------------------------------------------------------------------------------
+// DistributedUpdater
+
+DistributedUpdater::DistributedUpdater(std::shared_ptr<torch::nn::Module> model,
+                                       torch::optim::Optimizer& optimizer,
+                                       std::shared_ptr<Iterator> iterator, LossFunction loss_fn,
+                                       std::shared_ptr<Communicator> comm, UpdaterOptions options)
+    : model_(std::move(model)),
+      optimizer_(optimizer),
+      iterator_(std::move(iterator)),
+      loss_fn_(std::move(loss_fn)),
+      comm_(std::move(comm)),
+      options_(std::move(options)) {
+  MPU_CHECK(model_ != nullptr, "DistributedUpdater: model is null");
+  MPU_CHECK(iterator_ != nullptr, "DistributedUpdater: iterator is null");
+  MPU_CHECK(comm_ != nullptr, "DistributedUpdater: communicator is null; build one with "
+                              "mpu::init() or take the one mpu::spawn() gives each rank");
+  MPU_CHECK(static_cast<bool>(loss_fn_), "DistributedUpdater: loss_fn is empty");
+  detail::check_has_parameters(*model_, "DistributedUpdater");
+  model_->to(comm_->device());
+  detail::move_optimizer_state(optimizer_, comm_->device());
+  scaling_changes_ = apply_scaling(optimizer_, comm_->size(), options_.scaling);
+  step_ = std::make_unique<detail::MasterStep>(*model_, *comm_, options_.scaling.reduction,
+                                               options_.wire_dtype);
+  step_->check_same_layout();
+  step_->broadcast_parameters();
+  step_->broadcast_buffers();
+}
+
+DistributedUpdater::~DistributedUpdater() = default;
+
+void DistributedUpdater::update() {
+  detail::forward_backward(*iterator_, options_, loss_fn_, comm_->device(),
+                           [this] { step_->zero_grad(); });
+  step_->reduce_gradients();
+  if (comm_->rank() == 0) optimizer_.step();
+  step_->broadcast_parameters();
+  ++iteration_;
+  if (iterator_->is_new_epoch() && options_.on_new_epoch && is_main()) options_.on_new_epoch(*this);
+}
+
+std::int64_t DistributedUpdater::epoch() const { return iterator_->epoch(); }
+double DistributedUpdater::epoch_detail() const { return iterator_->epoch_detail(); }
+bool DistributedUpdater::is_new_epoch() const { return iterator_->is_new_epoch(); }
+bool DistributedUpdater::is_main() const { return comm_->rank() == 0; }
+int DistributedUpdater::rank() const { return comm_->rank(); }
+int DistributedUpdater::world_size() const { return comm_->size(); }
+torch::Device DistributedUpdater::device() const { return comm_->device(); }
+
+void DistributedUpdater::save(torch::serialize::OutputArchive& archive) const {
+  detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);
+}
+
+void DistributedUpdater::load(torch::serialize::InputArchive& archive) {
+  iteration_ = detail::load_state(archive, *model_, optimizer_, *iterator_, comm_->device());
+  // Loading replaced the parameters' storage; rebuild the flat views, then agree with rank 0.
+  step_ = std::make_unique<detail::MasterStep>(*model_, *comm_, options_.scaling.reduction,
+                                               options_.wire_dtype);
+  step_->broadcast_parameters();
+  step_->broadcast_buffers();
+}
+
+}  // namespace mpu
