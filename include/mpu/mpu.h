@@ -3,6 +3,8 @@
 #pragma once
 
 #include "mpu/config.h"
+#include "mpu/datasets.h"
 #include "mpu/defaults.h"
 #include "mpu/error.h"
+#include "mpu/iterator.h"
 #include "mpu/version.h"
