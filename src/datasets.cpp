@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -19,41 +20,95 @@ namespace {
 // A corrupt header must not make us allocate without bound.
 constexpr std::uint64_t kMaxIdxBytes = std::uint64_t{1} << 34;
 
-struct GzFile {
-  explicit GzFile(const std::string& path) : file(gzopen(path.c_str(), "rb")) {}
-  ~GzFile() {
-    if (file != nullptr) gzclose(file);
-  }
-  GzFile(const GzFile&) = delete;
-  GzFile& operator=(const GzFile&) = delete;
-  gzFile file;
-};
-
-std::string zlib_message(gzFile file) {
-  int code = Z_OK;
-  const char* text = gzerror(file, &code);
-  return (code != Z_OK && text != nullptr && *text != '\0') ? std::string(text) : std::string();
-}
-
-// Reads up to `n` bytes; returns how many were read, and an error text when zlib failed (a
-// damaged stream, a bad CRC, or a stream cut short).
-std::uint64_t read_bytes(gzFile file, void* out, std::uint64_t n, std::string& error) {
-  auto* dst = static_cast<unsigned char*>(out);
-  std::uint64_t done = 0;
-  while (done < n) {
-    const auto chunk = static_cast<unsigned>(
-        std::min<std::uint64_t>(n - done, std::numeric_limits<int>::max() / 2));
-    const int got = gzread(file, dst + done, chunk);
-    if (got < 0) {
-      error = zlib_message(file);
-      if (error.empty()) error = "zlib read error";
-      return done;
+// Reads a file through zlib's inflate when it starts with the gzip magic bytes, and as it is
+// otherwise. gzread is not used: when a read ends exactly where the input ends, it does not
+// notice a missing gzip trailer (zlib 1.2.13), and a truncated file must not load.
+class Source {
+ public:
+  explicit Source(const std::string& path) : file_(std::fopen(path.c_str(), "rb")) {
+    if (file_ == nullptr) return;
+    in_.resize(std::size_t{1} << 17);
+    have_ = std::fread(in_.data(), 1, in_.size(), file_);
+    gzip_ = have_ >= 2 && in_[0] == 0x1f && in_[1] == 0x8b;
+    if (gzip_) {
+      zs_.next_in = in_.data();
+      zs_.avail_in = static_cast<uInt>(have_);
+      inflating_ = inflateInit2(&zs_, 15 + 16) == Z_OK;  // 15-bit window, gzip wrapper
     }
-    if (got == 0) break;
-    done += static_cast<std::uint64_t>(got);
   }
-  return done;
-}
+  ~Source() {
+    if (inflating_) inflateEnd(&zs_);
+    if (file_ != nullptr) std::fclose(file_);
+  }
+  Source(const Source&) = delete;
+  Source& operator=(const Source&) = delete;
+
+  bool is_open() const noexcept { return file_ != nullptr && (!gzip_ || inflating_); }
+
+  // Reads up to `n` bytes; returns how many were read, and sets `error` when the data is
+  // damaged (bad deflate data, a CRC mismatch) or cut short.
+  std::uint64_t read(void* out, std::uint64_t n, std::string& error) {
+    auto* dst = static_cast<unsigned char*>(out);
+    return gzip_ ? inflate_into(dst, n, error) : copy_into(dst, n, error);
+  }
+
+ private:
+  std::uint64_t copy_into(unsigned char* dst, std::uint64_t n, std::string& error) {
+    std::uint64_t done = std::min<std::uint64_t>(n, have_ - pos_);
+    std::memcpy(dst, in_.data() + pos_, done);
+    pos_ += done;
+    if (done < n) done += std::fread(dst + done, 1, n - done, file_);
+    if (std::ferror(file_)) error = std::strerror(errno);
+    return done;
+  }
+
+  bool refill(std::string& error) {
+    const std::size_t got = std::fread(in_.data(), 1, in_.size(), file_);
+    if (got == 0) {
+      if (std::ferror(file_)) error = std::strerror(errno);
+      return false;
+    }
+    zs_.next_in = in_.data();
+    zs_.avail_in = static_cast<uInt>(got);
+    return true;
+  }
+
+  std::uint64_t inflate_into(unsigned char* dst, std::uint64_t n, std::string& error) {
+    std::uint64_t done = 0;
+    while (done < n && !ended_) {
+      if (zs_.avail_in == 0 && !refill(error)) {
+        if (error.empty()) error = "unexpected end of file: the gzip stream is cut short";
+        break;
+      }
+      const auto chunk = static_cast<uInt>(std::min<std::uint64_t>(n - done, 1u << 30));
+      zs_.next_out = dst + done;
+      zs_.avail_out = chunk;
+      const int ret = inflate(&zs_, Z_NO_FLUSH);
+      done += chunk - zs_.avail_out;
+      if (ret == Z_STREAM_END) {
+        // gzip allows several members, one after the other.
+        if (zs_.avail_in == 0 && !refill(error)) {
+          ended_ = true;
+        } else {
+          inflateReset(&zs_);
+        }
+      } else if (ret != Z_OK && ret != Z_BUF_ERROR) {
+        error = zs_.msg != nullptr ? zs_.msg : detail::cat("zlib inflate error ", ret);
+        break;
+      }
+    }
+    return done;
+  }
+
+  std::FILE* file_;
+  std::vector<unsigned char> in_;
+  std::size_t have_ = 0;  // bytes in in_ from the first read
+  std::size_t pos_ = 0;   // next byte of in_ to copy, for plain files
+  bool gzip_ = false;
+  bool inflating_ = false;
+  bool ended_ = false;
+  z_stream zs_{};
+};
 
 struct IdxType {
   torch::ScalarType dtype;
@@ -94,15 +149,14 @@ bool idx_type(unsigned char code, IdxType& type) {
 
 torch::Tensor read_idx_file(const std::string& path, const std::string& context,
                             const std::string& hint) {
-  GzFile gz(path);
-  if (gz.file == nullptr) {
+  Source source(path);
+  if (!source.is_open()) {
     MPU_THROW(Error, context, ": cannot open ", path, ": ", std::strerror(errno),
               hint.empty() ? "" : " (", hint, hint.empty() ? "" : ")");
   }
-  gzbuffer(gz.file, 1 << 17);
   std::string error;
   std::array<unsigned char, 4> magic{};
-  if (read_bytes(gz.file, magic.data(), magic.size(), error) != magic.size()) {
+  if (source.read(magic.data(), magic.size(), error) != magic.size()) {
     corrupt(context, path, error.empty() ? "it ends before the 4-byte idx magic number" : error,
             hint);
   }
@@ -117,7 +171,7 @@ torch::Tensor read_idx_file(const std::string& path, const std::string& context,
   }
   const int ndims = magic[3];
   std::vector<unsigned char> header(static_cast<std::size_t>(4 * ndims));
-  if (read_bytes(gz.file, header.data(), header.size(), error) != header.size()) {
+  if (source.read(header.data(), header.size(), error) != header.size()) {
     corrupt(context, path,
             error.empty() ? detail::cat("it ends inside the header of ", ndims, " dims") : error,
             hint);
@@ -129,7 +183,10 @@ torch::Tensor read_idx_file(const std::string& path, const std::string& context,
     const std::uint64_t dim = (std::uint64_t{p[0]} << 24) | (std::uint64_t{p[1]} << 16) |
                               (std::uint64_t{p[2]} << 8) | std::uint64_t{p[3]};
     dims[static_cast<std::size_t>(d)] = static_cast<std::int64_t>(dim);
-    count *= dim;
+    if (dim != 0 && count > kMaxIdxBytes / dim)
+      count = kMaxIdxBytes + 1;  // no overflow
+    else
+      count *= dim;
     if (count * static_cast<std::uint64_t>(type.bytes) > kMaxIdxBytes) {
       corrupt(context, path,
               detail::cat("its header gives an implausible size (dim ", d, " = ", dim, ")"), hint);
@@ -138,7 +195,7 @@ torch::Tensor read_idx_file(const std::string& path, const std::string& context,
   const std::uint64_t nbytes = count * static_cast<std::uint64_t>(type.bytes);
   torch::Tensor out = torch::empty(dims, torch::TensorOptions().dtype(type.dtype));
   auto* bytes = static_cast<unsigned char*>(out.data_ptr());
-  const std::uint64_t got = read_bytes(gz.file, bytes, nbytes, error);
+  const std::uint64_t got = source.read(bytes, nbytes, error);
   if (got != nbytes) {
     corrupt(context, path,
             detail::cat(error.empty() ? "" : error + ": ", "got ", got, " of the ", nbytes,
@@ -147,7 +204,7 @@ torch::Tensor read_idx_file(const std::string& path, const std::string& context,
   }
   // One more read finds trailing data, and makes zlib check the gzip trailer (CRC and length).
   unsigned char extra = 0;
-  if (read_bytes(gz.file, &extra, 1, error) != 0 || !error.empty()) {
+  if (source.read(&extra, 1, error) != 0 || !error.empty()) {
     corrupt(context, path,
             error.empty()
                 ? detail::cat("it has data beyond the ", nbytes, " bytes its header announces")
