@@ -44,6 +44,8 @@ inline constexpr const char* kEnvCudaVisibleDevices = "CUDA_VISIBLE_DEVICES";
 inline constexpr const char* kEnvFashionMnistDir = "FASHION_MNIST_DIR";
 /// Where Debian's dataset-fashion-mnist package installs the gzip idx files.
 inline constexpr const char* kDefaultFashionMnistDir = "/usr/share/datasets/fashion-mnist";
+/// The MNIST directory (no Debian package ships MNIST, so there is no default).
+inline constexpr const char* kEnvMnistDir = "MNIST_DIR";
 
 // --- Packing and stepping ----------------------------------------------------------------------
 /// Gradient bucket size for overlapped communication.

@@ -3,8 +3,10 @@
 #pragma once
 
 #include "mpu/config.h"
+#include "mpu/datasets.h"
 #include "mpu/defaults.h"
 #include "mpu/error.h"
+#include "mpu/iterator.h"
 #include "mpu/scaling.h"
 #include "mpu/updater.h"
 #include "mpu/version.h"
