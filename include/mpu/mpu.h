@@ -5,4 +5,5 @@
 #include "mpu/config.h"
 #include "mpu/defaults.h"
 #include "mpu/error.h"
+#include "mpu/flat_buffer.h"
 #include "mpu/version.h"
