@@ -6,6 +6,7 @@
 #include "mpu/datasets.h"
 #include "mpu/defaults.h"
 #include "mpu/error.h"
+#include "mpu/flat_buffer.h"
 #include "mpu/iterator.h"
 #include "mpu/scaling.h"
 #include "mpu/updater.h"
