@@ -1,6 +1,5 @@
-#include <torch/torch.h>
 #include <unistd.h>
-#include <catch2/catch.hpp>
+#include "catch_torch.h"
 
 #include <cstdio>
 #include <functional>

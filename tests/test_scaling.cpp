@@ -1,5 +1,4 @@
-#include <torch/torch.h>
-#include <catch2/catch.hpp>
+#include "catch_torch.h"
 
 #include "mpu/error.h"
 #include "mpu/scaling.h"

@@ -3,8 +3,7 @@
 // present ([nccl]).
 #include <unistd.h>
 
-#include <catch2/catch.hpp>
-#include <torch/torch.h>
+#include "catch_torch.h"
 
 #include <atomic>
 #include <cstdio>
