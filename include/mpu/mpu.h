@@ -6,3 +6,7 @@
 #include "mpu/defaults.h"
 #include "mpu/error.h"
 #include "mpu/version.h"
+#include "mpu/batch.h"
+#include "mpu/reporter.h"
+#include "mpu/trainer.h"
+#include "mpu/extensions.h"
