@@ -52,9 +52,9 @@ std::string first_line_of_file(const std::string& path) {
   return line;
 }
 
-// Runs `gnuplot script` with stdout discarded and stderr to `err_path`; "" on success, else why
-// it failed.
-std::string run_gnuplot(const std::string& script, const std::string& err_path) {
+// Starts `gnuplot script` with stdout discarded and stderr to `err_path`. Returns its pid, or -1
+// with `failure` set.
+pid_t spawn_gnuplot(const std::string& script, const std::string& err_path, std::string& failure) {
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
@@ -67,7 +67,15 @@ std::string run_gnuplot(const std::string& script, const std::string& err_path) 
   // posix_spawn, not fork: safe in a process with threads and a CUDA context.
   const int rc = posix_spawnp(&pid, kGnuplot, &actions, nullptr, argv, environ);
   posix_spawn_file_actions_destroy(&actions);
-  if (rc != 0) return detail::cat("could not start gnuplot: ", std::strerror(rc));
+  if (rc != 0) {
+    failure = detail::cat("could not start gnuplot: ", std::strerror(rc));
+    return -1;
+  }
+  return pid;
+}
+
+// Waits for a gnuplot started by spawn_gnuplot; "" on success, else why it failed.
+std::string wait_gnuplot(pid_t pid, const std::string& err_path) {
   int status = 0;
   pid_t waited;
   do {
@@ -142,11 +150,11 @@ void PlotReport::operator()(Trainer& trainer) {
 
 void PlotReport::write_files(const std::string& out_dir) {
   const std::filesystem::path out(out_dir);
-  const auto png = out / filename_;
   const auto data = out / std::filesystem::path(filename_).replace_extension(".dat");
   const auto script = out / std::filesystem::path(filename_).replace_extension(".gp");
-  const auto tmp_png = out / ("." + filename_ + ".tmp");
-  const auto err = out / ("." + filename_ + ".gnuplot-stderr");
+  const auto tmp_png = out / tmp_name();
+  // The previous drawing reads the files about to be replaced: collect it first.
+  finish_drawing();
 
   std::string table = "# " + x_key_;
   for (const auto& key : y_keys_) table += "  " + key;
@@ -180,10 +188,35 @@ void PlotReport::write_files(const std::string& out_dir) {
   gp += "\n";
   detail::write_file_atomically(script.string(), "PlotReport", gp);
 
-  drawn_ = false;
   if (!gnuplot_) return;
-  const std::string failure = run_gnuplot(script.string(), err.string());
+  // gnuplot draws while training goes on.
+  std::string failure;
+  const pid_t pid = spawn_gnuplot(script.string(), (out / err_name()).string(), failure);
+  if (pid < 0) {
+    MPU_LOG_WARN("PlotReport: drawing ", (out / filename_).string(), " failed: ", failure);
+    return;
+  }
+  drawing_pid_ = pid;
+  drawing_dir_ = out_dir;
+}
+
+std::string PlotReport::tmp_name() const {
+  return "." + filename_ + ".tmp";
+}
+std::string PlotReport::err_name() const {
+  return "." + filename_ + ".gnuplot-stderr";
+}
+
+void PlotReport::finish_drawing() {
+  if (drawing_pid_ < 0) return;
+  const std::filesystem::path out(drawing_dir_);
+  const auto png = out / filename_;
+  const auto tmp_png = out / tmp_name();
+  const auto err = out / err_name();
+  const std::string failure = wait_gnuplot(drawing_pid_, err.string());
+  drawing_pid_ = -1;
   std::error_code ec;
+  drawn_ = false;
   if (failure.empty()) {
     std::filesystem::rename(tmp_png, png, ec);
     if (ec) {
@@ -197,6 +230,10 @@ void PlotReport::write_files(const std::string& out_dir) {
     std::filesystem::remove(tmp_png, ec);
   }
   std::filesystem::remove(err, ec);
+}
+
+void PlotReport::finalize() {
+  finish_drawing();
 }
 
 void PlotReport::save(torch::serialize::OutputArchive& archive) const {

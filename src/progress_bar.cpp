@@ -38,6 +38,8 @@ ProgressBar& ProgressBar::output(std::ostream& out, bool terminal) {
 }
 
 void ProgressBar::initialize(Trainer& trainer) {
+  trainer_ = &trainer;
+  drawn_ = false;
   last_iteration_ = trainer.updater().iteration();
   last_progress_ = trainer.stop_trigger().progress(trainer.updater());
   last_time_ = std::chrono::steady_clock::now();
@@ -48,7 +50,11 @@ void ProgressBar::operator()(Trainer& trainer) {
 }
 
 void ProgressBar::finalize() {
-  // Leave the last bar on screen and move below it.
+  // Show where training ended, unless that was just drawn; leave the bar on screen.
+  if (trainer_ != nullptr && (!drawn_ || trainer_->updater().iteration() != last_iteration_)) {
+    draw(*trainer_);
+  }
+  trainer_ = nullptr;
   if (terminal_ && drawn_) {
     *out_ << '\n';
     out_->flush();

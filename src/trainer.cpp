@@ -336,6 +336,11 @@ void Trainer::resume(const std::string& path) {
     MPU_THROW(InvalidArgument, "Trainer::resume: snapshot '", path,
               "' does not fit this trainer (a different model, optimizer or extension set?): ",
               torch_message(e));
+  } catch (const Error&) {
+    throw;  // a communication or system failure while loading, not a property of the file
+  } catch (const std::exception& e) {
+    MPU_THROW(InvalidArgument, "Trainer::resume: snapshot '", path,
+              "' holds state this trainer cannot read: ", e.what());
   }
 }
 

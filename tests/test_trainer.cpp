@@ -763,7 +763,7 @@ TEST_CASE("PrintReport prints the chosen columns of each new log row", "[trainer
 TEST_CASE("ProgressBar prints periodic lines, or a bar redrawn in place on a terminal",
           "[trainer]") {
   TempDir dir("progress");
-  SECTION("not a terminal: one line per update_interval iterations") {
+  SECTION("not a terminal: one line per update_interval iterations, and one at the end") {
     ToyUpdater updater;
     std::ostringstream out;
     mpu::Trainer trainer(updater, mpu::stop_after_iterations(10), dir.str());
@@ -772,10 +772,11 @@ TEST_CASE("ProgressBar prints periodic lines, or a bar redrawn in place on a ter
     std::vector<std::string> lines;
     std::istringstream in(out.str());
     for (std::string line; std::getline(in, line);) lines.push_back(line);
-    REQUIRE(lines.size() == 2);  // iterations 4 and 8
+    REQUIRE(lines.size() == 3);  // iterations 4 and 8, and the end
     CHECK_THAT(lines[0], Catch::Contains(" 40.00%  iteration 4/10  epoch 1.33  ") &&
                              Catch::Contains(" iters/sec  ETA "));
     CHECK_THAT(lines[1], Catch::Contains(" 80.00%  iteration 8/10  epoch 2.67  "));
+    CHECK_THAT(lines[2], Catch::Contains("100.00%  iteration 10/10  epoch 3.33  "));
     CHECK(out.str().find('\r') == std::string::npos);
   }
   SECTION("a terminal: a bar, carriage returns, and a final newline") {
@@ -787,6 +788,9 @@ TEST_CASE("ProgressBar prints periodic lines, or a bar redrawn in place on a ter
     const std::string s = out.str();
     CHECK_THAT(s, Catch::Contains("\r[#####.....]  50.00%  iteration 3  epoch 1.00/2  "));
     CHECK_THAT(s, Catch::Contains("\r[##########] 100.00%  iteration 6  epoch 2.00/2  "));
+    std::size_t bars = 0;
+    for (auto pos = s.find("\r["); pos != std::string::npos; pos = s.find("\r[", pos + 1)) ++bars;
+    CHECK(bars == 2);  // iterations 3 and 6; the end was already shown
     CHECK(std::count(s.begin(), s.end(), '\n') == 1);
     CHECK(s.back() == '\n');
   }

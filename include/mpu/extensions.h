@@ -98,9 +98,10 @@ class PrintReport : public Extension {
   std::size_t printed_rows_ = 0;
 };
 
-/// Shows progress towards the stop trigger every `update_interval` iterations: on a terminal, a
-/// bar redrawn in place with iterations/s and the estimated time to finish; otherwise (a log
-/// file, a pipe) one line per update with the same numbers. Rates are over the last interval.
+/// Shows progress towards the stop trigger every `update_interval` iterations and when training
+/// ends: on a terminal, a bar redrawn in place with iterations/s and the estimated time to
+/// finish; otherwise (a log file, a pipe) one line per update with the same numbers. Rates are
+/// over the last interval.
 class ProgressBar : public Extension {
  public:
   explicit ProgressBar(std::int64_t update_interval = kDefaultProgressUpdateInterval,
@@ -126,6 +127,7 @@ class ProgressBar : public Extension {
   std::int64_t last_iteration_ = 0;
   double last_progress_ = 0.0;
   std::chrono::steady_clock::time_point last_time_;
+  Trainer* trainer_ = nullptr;  // between initialize() and finalize()
 };
 
 /// Writes a snapshot of the whole training state (model, optimizer, updater and iterator
@@ -217,7 +219,8 @@ class Evaluator : public Extension {
 };
 
 /// Plots the means of `y_keys` over each trigger interval against "epoch" or "iteration" into
-/// `out_dir/filename` (a PNG), drawn with gnuplot. The data and the gnuplot script are written
+/// `out_dir/filename` (a PNG), drawn with gnuplot in the background (the file is replaced
+/// atomically when a drawing finishes). The data and the gnuplot script are written
 /// next to it (same stem, ".dat" and ".gp"), so the plot can be redrawn by hand. When gnuplot is
 /// not on PATH, it says so once, in one line, and keeps writing the data. The plotted points are
 /// part of a snapshot.
@@ -230,12 +233,14 @@ class PlotReport : public Extension {
   std::string name() const override { return "PlotReport"; }
   void initialize(Trainer& trainer) override;
   void operator()(Trainer& trainer) override;
+  /// Waits for the last drawing.
+  void finalize() override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
   /// Whether an executable `gnuplot` is on PATH.
   static bool gnuplot_available();
-  /// Whether the last plot was drawn (gnuplot present and successful).
+  /// Whether the last finished drawing succeeded (after the trainer's run: the final plot).
   bool drawn() const { return drawn_; }
 
  private:
@@ -244,6 +249,9 @@ class PlotReport : public Extension {
     std::map<std::string, double> y;
   };
   void write_files(const std::string& out_dir);
+  void finish_drawing();
+  std::string tmp_name() const;
+  std::string err_name() const;
 
   std::vector<std::string> y_keys_;
   std::string x_key_;
@@ -253,6 +261,8 @@ class PlotReport : public Extension {
   std::vector<Point> points_;
   bool gnuplot_ = false;
   bool drawn_ = false;
+  int drawing_pid_ = -1;  // the gnuplot drawing in the background, or -1
+  std::string drawing_dir_;
 };
 
 }  // namespace mpu
