@@ -4,6 +4,8 @@
 find_package(Threads REQUIRED)
 find_package(ZLIB REQUIRED)
 find_package(Torch REQUIRED)
+# Header-only, used privately (LogReport's JSON); Debian: nlohmann-json3-dev.
+find_package(nlohmann_json 3.9 REQUIRED)
 
 set(_summary "LibTorch ${Torch_VERSION}")
 

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 
 namespace mpu {
 
@@ -50,5 +51,23 @@ inline constexpr const char* kEnvMnistDir = "MNIST_DIR";
 // --- Packing and stepping ----------------------------------------------------------------------
 /// Gradient bucket size for overlapped communication.
 inline constexpr std::size_t kDefaultBucketBytes = std::size_t{25} << 20;
+
+// --- Training loop (Trainer and extensions) ----------------------------------------------------
+/// Where a Trainer writes its log, plots and snapshots.
+inline constexpr const char* kDefaultOutDir = "result";
+/// Snapshot file names; "{iteration}" and "{epoch}" are replaced by the counters.
+inline constexpr const char* kDefaultSnapshotPattern = "snapshot_iter_{iteration}";
+/// How many snapshots Snapshot keeps (0 keeps all).
+inline constexpr int kDefaultSnapshotKeepLast = 3;
+/// LogReport's file in the output directory.
+inline constexpr const char* kDefaultLogFilename = "log";
+/// PlotReport's image in the output directory.
+inline constexpr const char* kDefaultPlotFilename = "plot.png";
+/// Iterations between two ProgressBar updates.
+inline constexpr std::int64_t kDefaultProgressUpdateInterval = 100;
+/// Characters in ProgressBar's bar.
+inline constexpr int kDefaultProgressBarLength = 50;
+/// Version of the snapshot layout written by Trainer::save.
+inline constexpr std::int64_t kSnapshotFormatVersion = 1;
 
 }  // namespace mpu

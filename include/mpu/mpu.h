@@ -11,3 +11,7 @@
 #include "mpu/scaling.h"
 #include "mpu/updater.h"
 #include "mpu/version.h"
+#include "mpu/batch.h"
+#include "mpu/reporter.h"
+#include "mpu/trainer.h"
+#include "mpu/extensions.h"

@@ -16,6 +16,8 @@
 #include "mpu/iterator.h"
 #include "mpu/scaling.h"
 
+#include "mpu/error.h"
+
 namespace mpu {
 
 class Communicator;
@@ -61,6 +63,20 @@ class Updater {
   virtual void load(torch::serialize::InputArchive& archive) = 0;
 
   virtual void finalize() {}
+
+  /// Sums `tensor` in place over every rank that runs the Trainer, for extensions that aggregate
+  /// across ranks (the Evaluator). Collective: every such rank calls it in the same order with a
+  /// tensor of the same shape and dtype, on `device()`. Returns false, leaving `tensor` as it is,
+  /// when there is nothing to aggregate: one process, or the master of a
+  /// MultiprocessParallelUpdater (whose workers run no Trainer). An updater whose ranks each run
+  /// a Trainer (`communicator() != nullptr` and `world_size() > 1`) must override it.
+  virtual bool allreduce_sum(torch::Tensor& tensor) {
+    MPU_CHECK(communicator() == nullptr || world_size() == 1,
+              "Updater::allreduce_sum: this updater has ", world_size(),
+              " ranks and a communicator but does not override allreduce_sum, so extensions "
+              "cannot aggregate across its ranks");
+    return false;
+  }
 };
 
 /// Computes the loss of one batch (already on the updater's device). Call `mpu::report` inside
