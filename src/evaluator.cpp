@@ -7,6 +7,22 @@
 #include "mpu/extensions.h"
 
 namespace mpu {
+
+IteratorBatchSource::IteratorBatchSource(std::shared_ptr<Iterator> iterator)
+    : iterator_(std::move(iterator)) {
+  MPU_CHECK(iterator_ != nullptr, "IteratorBatchSource: the iterator is null");
+  MPU_CHECK(!iterator_->options().repeat(),
+            "IteratorBatchSource: the iterator repeats, so one pass would never end; build it "
+            "with IteratorOptions(batch).repeat(false).shuffle(false)");
+}
+
+void IteratorBatchSource::reset() { iterator_->reset(); }
+
+std::optional<Batch> IteratorBatchSource::next() {
+  if (iterator_->finished()) return std::nullopt;
+  return iterator_->next();
+}
+
 namespace {
 
 // Restores the model's training mode however the pass ends.

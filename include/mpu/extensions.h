@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "mpu/batch.h"
+#include "mpu/iterator.h"
 #include "mpu/defaults.h"
 #include "mpu/reporter.h"
 #include "mpu/trainer.h"
@@ -191,11 +192,28 @@ class VectorBatchSource : public BatchSource {
 /// DistributedUpdater), every rank evaluates its own source and the weighted sums and weights are
 /// summed over ranks with `Updater::allreduce_sum`, so every rank gets the global mean: this
 /// extension runs on all ranks, and every rank must report the same keys (checked).
+/// Serves one epoch of an `mpu::Iterator`: `reset()` rewinds it, `next()` returns its batches
+/// until the epoch ends. The iterator must have `repeat(false)`; the constructor throws
+/// `mpu::InvalidArgument` otherwise.
+class IteratorBatchSource : public BatchSource {
+ public:
+  explicit IteratorBatchSource(std::shared_ptr<Iterator> iterator);
+  void reset() override;
+  std::optional<Batch> next() override;
+
+ private:
+  std::shared_ptr<Iterator> iterator_;
+};
+
 class Evaluator : public Extension {
  public:
   using LossFn = std::function<torch::Tensor(const Batch&)>;
 
   Evaluator(std::shared_ptr<BatchSource> source, LossFn loss_fn, std::string name = "validation");
+  /// Evaluates one epoch of `iterator` (see `IteratorBatchSource`).
+  Evaluator(std::shared_ptr<Iterator> iterator, LossFn loss_fn, std::string name = "validation")
+      : Evaluator(std::make_shared<IteratorBatchSource>(std::move(iterator)), std::move(loss_fn),
+                  std::move(name)) {}
   /// Takes any BatchSource by value.
   template <typename S, std::enable_if_t<std::is_base_of_v<BatchSource, std::decay_t<S>>, int> = 0>
   Evaluator(S&& source, LossFn loss_fn, std::string name = "validation")

@@ -21,12 +21,11 @@
 #include <utility>
 #include <vector>
 
+#include "mpu/batch.h"
 #include "mpu/error.h"
 
 namespace mpu {
 
-/// One example, or a batch of stacked examples: `.data` and `.target`.
-using Batch = torch::data::Example<torch::Tensor, torch::Tensor>;
 
 /// The generator behind every random choice of the data layer.
 using Rng = std::mt19937_64;
