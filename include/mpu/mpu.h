@@ -6,3 +6,5 @@
 #include "mpu/defaults.h"
 #include "mpu/error.h"
 #include "mpu/version.h"
+#include "mpu/communicator.h"
+#include "mpu/launch.h"
