@@ -39,6 +39,15 @@ static_assert(sizeof(ncclUniqueId) == kNcclUniqueIdBytes, "NCCL_UNIQUE_ID_BYTES 
 
 using Clock = std::chrono::steady_clock;
 
+// Logging from noexcept code: building the message may throw, the logging itself does not.
+template <typename... Args>
+void warn_noexcept(const Args&... args) noexcept {
+  try {
+    MPU_LOG_WARN(args...);
+  } catch (...) {
+  }
+}
+
 // Sole owner of an ncclComm_t. Destroying an owner that still holds a communicator aborts it,
 // which never blocks; an orderly shutdown calls finalize() first.
 class NcclComm {
@@ -66,7 +75,7 @@ class NcclComm {
     if (comm_ == nullptr) return;
     const ncclResult_t result = ncclCommAbort(comm_);
     if (result != ncclSuccess) {
-      MPU_LOG_WARN("ncclCommAbort returned ", ncclGetErrorString(result));
+      warn_noexcept("ncclCommAbort returned ", ncclGetErrorString(result));
     }
     comm_ = nullptr;
   }
@@ -83,16 +92,16 @@ class NcclComm {
       if (result == ncclSuccess) result = state;
     }
     if (result != ncclSuccess) {
-      MPU_LOG_WARN("ncclCommFinalize did not finish (",
-                   result == ncclInProgress ? "deadline passed" : ncclGetErrorString(result),
-                   "); aborting the communicator");
+      warn_noexcept("ncclCommFinalize did not finish (",
+                    result == ncclInProgress ? "deadline passed" : ncclGetErrorString(result),
+                    "); aborting the communicator");
       abort();
       return false;
     }
     result = ncclCommDestroy(comm_);
     comm_ = nullptr;
-    if (result != ncclSuccess) {
-      MPU_LOG_WARN("ncclCommDestroy returned ", ncclGetErrorString(result));
+    if (result != ncclSuccess && result != ncclInProgress) {
+      warn_noexcept("ncclCommDestroy returned ", ncclGetErrorString(result));
       return false;
     }
     return true;
@@ -256,7 +265,7 @@ class NcclCommunicator final : public Communicator {
       }
       comm_.abort();
     } catch (const std::exception& e) {
-      MPU_LOG_WARN("NCCL communicator: shutdown of rank ", rank_, " failed: ", e.what());
+      warn_noexcept("NCCL communicator: shutdown of rank ", rank_, " failed: ", e.what());
     }
   }
 
@@ -391,7 +400,9 @@ class NcclCommunicator final : public Communicator {
   void abort() noexcept override {
     try {
       std::lock_guard<std::mutex> lock(mutex_);
-      record_failure_locked("abort", seq_.load(), false, "abort() was called");
+      fail_locked(
+          detail::cat("abort() was called on rank ", rank_, " after ", seq_.load(), " collectives"),
+          false);
     } catch (...) {
       failed_ = true;
     }
@@ -506,20 +517,31 @@ class NcclCommunicator final : public Communicator {
     }
   }
 
-  // Records the first failure and aborts the NCCL communicator. Never throws.
+  // Records the first failure of collective `op` #`seq` and aborts the NCCL communicator.
+  // Never throws.
   void record_failure_locked(const char* op, std::uint64_t seq, bool timed_out,
                              const std::string& why) noexcept {
     if (failed_) return;
+    std::string message;
     try {
-      error_ = timed_out ? detail::cat(label(op, seq), " timed out after ",
-                                       detail::seconds_text(timeout_), ": ", why)
-                         : detail::cat(label(op, seq), " failed: ", why);
-      MPU_LOG_ERROR(error_, "; aborting the communicator");
+      message = timed_out ? detail::cat(label(op, seq), " timed out after ",
+                                        detail::seconds_text(timeout_), ": ", why)
+                          : detail::cat(label(op, seq), " failed: ", why);
     } catch (...) {
-      error_.clear();
     }
+    fail_locked(std::move(message), timed_out);
+  }
+
+  // Records the first failure and aborts the NCCL communicator. Never throws.
+  void fail_locked(std::string message, bool timed_out) noexcept {
+    if (failed_) return;
+    error_ = std::move(message);
     timed_out_ = timed_out;
     failed_ = true;
+    try {
+      MPU_LOG_ERROR(error_, "; aborting the communicator");
+    } catch (...) {
+    }
     comm_.abort();
   }
 

@@ -78,8 +78,8 @@ struct RunOptions {
   std::chrono::milliseconds timeout{60000};
 };
 
-/// Forks `n` ranks running `fn` and fails the current test (with each failing rank's messages)
-/// unless every rank finishes cleanly.
+/// Forks `n` ranks running `fn` and fails the current test (REQUIRE, with the failing ranks'
+/// messages) unless every rank finishes cleanly.
 inline void run_ranks(int n, const std::function<void(const SpawnContext&)>& fn,
                       RunOptions options = {}) {
   SpawnOptions spawn_options;
@@ -107,7 +107,7 @@ inline void run_ranks(int n, const std::function<void(const SpawnContext&)>& fn,
     failure = e.what();
   }
   INFO(failure);
-  CHECK(failure.empty());
+  REQUIRE(failure.empty());
 }
 
 }  // namespace mpu::test
