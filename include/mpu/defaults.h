@@ -40,6 +40,25 @@ inline constexpr const char* kEnvOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
 inline constexpr int kDefaultMasterPort = 29500;
 inline constexpr const char* kEnvCudaVisibleDevices = "CUDA_VISIBLE_DEVICES";
 
+// --- Communicators and launch (communicator.h, launch.h) --------------------------------------
+/// How often an NCCL communicator's watchdog thread checks the collectives in flight.
+inline constexpr std::chrono::milliseconds kCommWatchdogInterval{100};
+/// "1": create NCCL communicators in blocking mode. The default, non-blocking mode lets a
+/// rendezvous or a first collective that a peer never joins time out instead of hanging.
+inline constexpr const char* kEnvNcclBlocking = "MPU_NCCL_BLOCKING";
+/// Network interface for Gloo (the same variable torch.distributed reads).
+inline constexpr const char* kEnvGlooSocketIfname = "GLOO_SOCKET_IFNAME";
+/// Set to "True" by torchrun when its agent hosts the store at MASTER_ADDR:MASTER_PORT.
+inline constexpr const char* kEnvTorchelasticUseAgentStore = "TORCHELASTIC_USE_AGENT_STORE";
+inline constexpr const char* kEnvTorchelasticRestartCount = "TORCHELASTIC_RESTART_COUNT";
+/// SLURM's per-node task counts ("4(x2),3") and this node's index in the step.
+inline constexpr const char* kEnvSlurmTasksPerNode = "SLURM_TASKS_PER_NODE";
+inline constexpr const char* kEnvSlurmNodeId = "SLURM_NODEID";
+/// The nodes of this job step, preferred over SLURM_JOB_NODELIST for the master address.
+inline constexpr const char* kEnvSlurmStepNodeList = "SLURM_STEP_NODELIST";
+/// spawn(): time between SIGTERM and SIGKILL when the other ranks are stopped after a failure.
+inline constexpr std::chrono::milliseconds kSpawnGracePeriod{2000};
+
 // --- Data --------------------------------------------------------------------------------------
 /// Overrides the Fashion-MNIST directory.
 inline constexpr const char* kEnvFashionMnistDir = "FASHION_MNIST_DIR";

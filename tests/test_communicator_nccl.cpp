@@ -1,0 +1,237 @@
+// The NCCL communicator on 2 (and 4, where present) GPUs: the same closed-form checks as Gloo,
+// stream ordering, and the timeout paths. Needs the GPU machine; elsewhere it says why it skips.
+//
+// The parent never touches CUDA (forked ranks could not use it then): GPUs are counted through
+// NVML, and everything else happens inside the ranks.
+#include "catch_torch.h"
+
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "collective_checks.h"
+#include "mpu/communicator.h"
+#include "mpu/config.h"
+#include "mpu/launch.h"
+#include "multiprocess.h"
+
+#if MPU_HAS_NCCL
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::vector<torch::Device> gpus(int n) {
+  std::vector<torch::Device> devices;
+  for (int i = 0; i < n; ++i) devices.emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(i));
+  return devices;
+}
+
+// World sizes to test: 2 and 4 (powers of two keep ncclAvg exact), as far as GPUs allow.
+// Empty, with a WARN, when the build or the machine cannot run NCCL.
+std::vector<int> nccl_world_sizes() {
+#if !MPU_HAS_NCCL
+  WARN("skipped: this build has no NCCL (CPU-only LibTorch or MPU_WITH_NCCL=OFF)");
+  return {};
+#else
+  const int count = mpu::local_gpu_count();
+  if (count < 2) {
+    WARN("skipped: NCCL tests need 2 GPUs, " << count << " visible");
+    return {};
+  }
+  std::vector<int> sizes{2};
+  if (count >= 4) sizes.push_back(4);
+  return sizes;
+#endif
+}
+
+void on_nccl_ranks(void (*check)(mpu::Communicator&)) {
+  for (int n : nccl_world_sizes()) {
+    INFO("world size " << n);
+    mpu::test::RunOptions options;
+    options.devices = gpus(n);
+    mpu::test::run_ranks(
+        n,
+        [check](const mpu::SpawnContext& ctx) {
+          auto comm = ctx.make_communicator();
+          MPU_EXPECT(comm->backend() == "nccl", "backend ", comm->backend());
+          MPU_EXPECT(comm->device() == ctx.device, "device ", comm->device());
+          check(*comm);
+          comm->synchronize();
+        },
+        options);
+  }
+}
+
+[[maybe_unused]] double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+}  // namespace
+
+TEST_CASE("NCCL allreduce: sum and avg, every dtype and size", "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_allreduce);
+}
+
+TEST_CASE("NCCL reduce: to every root, other ranks unchanged", "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_reduce);
+}
+
+TEST_CASE("NCCL broadcast: from every root", "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_broadcast);
+}
+
+TEST_CASE("NCCL reduce_scatter: uneven shards, empty tensors, in place", "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_reduce_scatter);
+}
+
+TEST_CASE("NCCL allgather: uneven shards, empty tensors, in place", "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_allgather);
+}
+
+TEST_CASE("NCCL reduce_scatter then allgather equals allreduce", "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_round_trip);
+}
+
+TEST_CASE("NCCL sequence numbers and barrier", "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_sequence_numbers);
+}
+
+#if MPU_HAS_NCCL
+
+TEST_CASE("NCCL collectives are ordered after and before torch's current stream",
+          "[nccl][multiprocess]") {
+  if (nccl_world_sizes().empty()) return;
+  mpu::test::RunOptions options;
+  options.devices = gpus(2);
+  mpu::test::run_ranks(
+      2,
+      [](const mpu::SpawnContext& ctx) {
+        auto comm = ctx.make_communicator();
+        // A side stream as torch's current stream, busy with a long chain of kernels that the
+        // collective must wait for; the result is read on the same stream without a host sync.
+        c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool(false, ctx.device.index()));
+        const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
+        torch::Tensor t = torch::zeros({1 << 24}, options);
+        for (int i = 0; i <= ctx.rank; ++i) {
+          for (int k = 0; k < 50; ++k) t.add_(1.0 / 50);
+        }
+        t.round_();  // rank r holds r + 1 everywhere
+        comm->allreduce(t);
+        torch::Tensor total = t.sum();  // queued on the current stream after the collective
+        const double expected = 3.0 * (1 << 24);
+        MPU_EXPECT(total.item<double>() == expected, "sum ", total.item<double>(), " expected ",
+                   expected);
+      },
+      options);
+}
+
+TEST_CASE("NCCL: a rank that skips a collective makes the others time out",
+          "[nccl][multiprocess]") {
+  if (nccl_world_sizes().empty()) return;
+  mpu::test::RunOptions options;
+  options.devices = gpus(2);
+  options.timeout = std::chrono::milliseconds(3000);
+  mpu::test::run_ranks(
+      2,
+      [](const mpu::SpawnContext& ctx) {
+        auto comm = ctx.make_communicator();
+        torch::Tensor t = torch::ones({1 << 20}, torch::TensorOptions().device(ctx.device));
+        comm->allreduce(t);  // both ranks join this one
+        comm->synchronize();
+        if (ctx.rank == 1) {
+          std::this_thread::sleep_for(std::chrono::seconds(8));
+          comm->abort();
+          return;
+        }
+        const auto start = Clock::now();
+        comm->allreduce(t);  // never joined by rank 1: enqueued, then stuck on the GPU
+        MPU_EXPECT_THROWS(comm->synchronize(), mpu::Timeout,
+                          "allreduce #2 (nccl, rank 0 of 2, cuda:0) timed out after 3 s");
+        const double waited = seconds_since(start);
+        MPU_EXPECT(waited >= 2.5 && waited < 7, "the 3 s timeout fired after ", waited, " s");
+        MPU_EXPECT_THROWS(comm->broadcast(t, 0), mpu::Timeout, "the communicator was aborted");
+        MPU_EXPECT_THROWS(comm->barrier(), mpu::CommError, "timed out after 3 s");
+      },
+      options);
+}
+
+TEST_CASE("NCCL: a first collective that a peer never joins times out", "[nccl][multiprocess]") {
+  if (nccl_world_sizes().empty()) return;
+  mpu::test::RunOptions options;
+  options.devices = gpus(2);
+  options.timeout = std::chrono::milliseconds(3000);
+  mpu::test::run_ranks(
+      2,
+      [](const mpu::SpawnContext& ctx) {
+        auto comm = ctx.make_communicator();
+        if (ctx.rank == 1) {
+          std::this_thread::sleep_for(std::chrono::seconds(8));
+          comm->abort();
+          return;
+        }
+        torch::Tensor t = torch::ones({1024}, torch::TensorOptions().device(ctx.device));
+        const auto start = Clock::now();
+        MPU_EXPECT_THROWS(
+            [&] {
+              comm->allreduce(t);
+              comm->synchronize();
+            }(),
+            mpu::Timeout, "allreduce #1 (nccl, rank 0 of 2, cuda:0) timed out after 3 s");
+        const double waited = seconds_since(start);
+        MPU_EXPECT(waited >= 2.5 && waited < 7, "the 3 s timeout fired after ", waited, " s");
+      },
+      options);
+}
+
+TEST_CASE("NCCL: creating a communicator times out when a rank never joins",
+          "[nccl][multiprocess]") {
+  if (nccl_world_sizes().empty()) return;
+  mpu::test::RunOptions options;
+  options.devices = gpus(2);
+  options.timeout = std::chrono::milliseconds(3000);
+  mpu::test::run_ranks(
+      2,
+      [](const mpu::SpawnContext& ctx) {
+        if (ctx.rank == 1) {
+          std::this_thread::sleep_for(std::chrono::seconds(6));
+          return;
+        }
+        const auto start = Clock::now();
+        MPU_EXPECT_THROWS(ctx.make_communicator(), mpu::Timeout,
+                          "did not finish ncclCommInitRankConfig within 3 s");
+        const double waited = seconds_since(start);
+        MPU_EXPECT(waited >= 2.5 && waited < 7, "the 3 s timeout fired after ", waited, " s");
+      },
+      options);
+}
+
+TEST_CASE("NCCL argument checks: device and dtype", "[nccl][multiprocess]") {
+  if (nccl_world_sizes().empty()) return;
+  mpu::test::RunOptions options;
+  options.devices = gpus(2);
+  mpu::test::run_ranks(
+      2,
+      [](const mpu::SpawnContext& ctx) {
+        auto comm = ctx.make_communicator();
+        torch::Tensor cpu = torch::ones({4});
+        MPU_EXPECT_THROWS(comm->allreduce(cpu), mpu::InvalidArgument,
+                          "allreduce: argument `t` is float32[4] on cpu, but the communicator's "
+                          "device is cuda:");
+        const int other = 1 - ctx.rank;
+        torch::Tensor wrong_gpu = torch::ones(
+            {4}, torch::TensorOptions().device(torch::kCUDA, static_cast<c10::DeviceIndex>(other)));
+        MPU_EXPECT_THROWS(comm->broadcast(wrong_gpu, 0), mpu::InvalidArgument, "on cuda:");
+        MPU_EXPECT(comm->sequence_number() == 0,
+                   "argument errors were counted: ", comm->sequence_number());
+        torch::Tensor t = torch::ones({4}, torch::TensorOptions().device(ctx.device));
+        comm->allreduce(t);
+        MPU_EXPECT_EQUAL(t.cpu(), torch::full({4}, 2.0), "[allreduce after argument errors]");
+      },
+      options);
+}
+
+#endif  // MPU_HAS_NCCL
