@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -342,7 +343,10 @@ void MultiprocessParallelUpdater::start() {
   try {
     // GNU OpenMP does not survive fork(): one intra-op thread, as torchrun's default.
     at::set_num_threads(1);
-    detail::clear_reporter();
+    // The fork copied the master's current observation; reports here go to a private sink that
+    // is emptied every step, because only the master reports.
+    Observation sink;
+    ObservationScope observing(sink);
     char tag = 0;
     if (!detail::read_all(fd, &tag, 1)) ::_exit(0);  // the master went away before starting
     MPU_CHECK(tag == 'R', "worker ", k, ": expected the rendezvous message, got '", tag, "'");
@@ -368,6 +372,7 @@ void MultiprocessParallelUpdater::start() {
       if (!detail::read_all(fd, &tag, 1)) break;  // the master is gone
       if (tag == 'F') break;
       if (tag == 'U') {
+        sink.clear();
         detail::forward_backward(iterator, options_, loss_fn_, device, [&] { step.zero_grad(); });
         step.reduce_gradients();
         step.broadcast_parameters();
