@@ -538,6 +538,30 @@ void kill_and_reap(std::vector<Child>& children) noexcept {
   }
 }
 
+// Restores SIGCHLD's default disposition while spawn() runs, when it was ignored or set to not
+// keep zombies: otherwise the kernel reaps the ranks and their exit statuses are lost.
+class ChildStatusGuard {
+ public:
+  ChildStatusGuard() {
+    struct sigaction current {};
+    if (::sigaction(SIGCHLD, nullptr, &current) != 0) return;
+    if (current.sa_handler != SIG_IGN && (current.sa_flags & SA_NOCLDWAIT) == 0) return;
+    struct sigaction standard {};
+    standard.sa_handler = SIG_DFL;
+    sigemptyset(&standard.sa_mask);
+    changed_ = ::sigaction(SIGCHLD, &standard, &saved_) == 0;
+  }
+  ~ChildStatusGuard() {
+    if (changed_) ::sigaction(SIGCHLD, &saved_, nullptr);
+  }
+  ChildStatusGuard(const ChildStatusGuard&) = delete;
+  ChildStatusGuard& operator=(const ChildStatusGuard&) = delete;
+
+ private:
+  struct sigaction saved_ {};
+  bool changed_ = false;
+};
+
 }  // namespace
 
 void spawn(int n, const std::function<void(const SpawnContext&)>& fn, const SpawnOptions& options) {
@@ -556,6 +580,7 @@ void spawn(int n, const std::function<void(const SpawnContext&)>& fn, const Spaw
 
   StoreServer server;
   if (options.store) server = serve_store(0, options.timeout);
+  const ChildStatusGuard child_status;
 
   // Buffered output would otherwise be written once by the parent and once by every child.
   std::cout.flush();
@@ -620,7 +645,15 @@ void spawn(int n, const std::function<void(const SpawnContext&)>& fn, const Spaw
       if (!child.running) continue;
       int status = 0;
       const pid_t done = ::waitpid(child.pid, &status, WNOHANG);
-      if (done != child.pid) continue;
+      if (done < 0 && errno == ECHILD) {
+        // SIGCHLD is ignored, so the kernel reaped the child and its exit status is lost: judge
+        // by the message it left (a rank that throws always leaves one).
+        if (::kill(child.pid, 0) == 0) continue;
+        drain(child);
+        status = child.message.empty() ? 0 : (1 << 8);
+      } else if (done != child.pid) {
+        continue;
+      }
       child.running = false;
       child.status = status;
       --running;

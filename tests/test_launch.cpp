@@ -369,6 +369,22 @@ TEST_CASE("spawn: ranks that fail on their own after the first are listed too",
   CHECK(no_children_left());
 }
 
+TEST_CASE("spawn: exit statuses survive SIGCHLD being ignored", "[launch][multiprocess]") {
+  std::signal(SIGCHLD, SIG_IGN);
+  const std::string message = message_of([] {
+    mpu::spawn(
+        2,
+        [](const mpu::SpawnContext& ctx) {
+          if (ctx.rank == 1) ::_exit(7);
+        },
+        cpu_ranks(2));
+  });
+  std::signal(SIGCHLD, SIG_DFL);
+  INFO(message);
+  CHECK_THAT(message, Contains("rank 1 of 2 (cpu) exited with code 7"));
+  CHECK(no_children_left());
+}
+
 TEST_CASE("spawn: the time limit stops hung ranks", "[launch][multiprocess]") {
   mpu::SpawnOptions options = cpu_ranks(2);
   options.time_limit = std::chrono::milliseconds(1000);
