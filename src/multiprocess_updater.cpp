@@ -220,9 +220,13 @@ void validate(const torch::nn::Module& model, const std::vector<std::shared_ptr<
     const int index = d.has_index() ? d.index() : 0;
     MPU_CHECK(seen.insert(index).second, who, ": device ", d.str(), " is listed twice; each "
               "GPU runs one process");
+  }
+  if (gpu) {
     const int count = local_gpu_count();
-    MPU_CHECK(index < count, who, ": device ", d.str(), " is not present; this machine has ",
-              count, " visible GPU(s)");
+    for (const auto& d : devices) {
+      MPU_CHECK(d.index() < count, who, ": device ", d.str(), " is not present; this machine "
+                "has ", count, " visible GPU(s) (mpu::local_gpus() lists them)");
+    }
   }
   if (gpu) {
     MPU_CHECK(!cuda_initialized(), who, ": CUDA is already initialised in this process, and "
@@ -247,6 +251,9 @@ MultiprocessParallelUpdater::MultiprocessParallelUpdater(
       loss_fn_(std::move(loss_fn)),
       devices_(std::move(devices)),
       options_(std::move(options)) {
+  for (auto& d : devices_) {
+    if (d.is_cuda() && !d.has_index()) d = torch::Device(torch::kCUDA, 0);
+  }
   MPU_CHECK(model_ != nullptr, "MultiprocessParallelUpdater: model is null");
   detail::check_has_parameters(*model_, "MultiprocessParallelUpdater");
   validate(*model_, iterators_, loss_fn_, devices_);
