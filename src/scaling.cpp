@@ -9,6 +9,7 @@
 
 #include "log.h"
 #include "mpu/error.h"
+#include "torch_compat.h"
 
 namespace mpu {
 namespace {
@@ -96,7 +97,7 @@ std::vector<ScalingChange> rescale_adagrad(torch::optim::Optimizer& opt, int n) 
     // Adagrad creates its accumulators in its constructor, from the unscaled value.
     torch::NoGradGuard no_grad;
     for (const auto& p : groups[g].params()) {
-      auto it = opt.state().find(c10::guts::to_string(p.unsafeGetTensorImpl()));
+      auto it = opt.state().find(detail::optimizer_state_key(p));
       if (it == opt.state().end()) continue;
       auto& st = static_cast<torch::optim::AdagradParamState&>(*it->second);
       if (st.step() == 0) st.sum().mul_(f2);

@@ -2,7 +2,12 @@
 // wheel) differ for torch-mpu. Everything else includes this header and stays version-free.
 #pragma once
 
+#include <torch/torch.h>
 #include <torch/version.h>
+
+#include <sstream>
+#include <string>
+#include <type_traits>
 
 #define MPU_TORCH_VERSION (TORCH_VERSION_MAJOR * 10000 + TORCH_VERSION_MINOR * 100)
 
@@ -12,5 +17,20 @@ namespace mpu::detail {
 
 /// True when built against LibTorch 2.x.
 inline constexpr bool kTorch2 = TORCH_VERSION_MAJOR >= 2;
+
+/// The key under which `torch::optim` keeps a parameter's state: the address of its TensorImpl
+/// as a string in LibTorch 1.13, the address itself in 2.x. (A template only so that the branch
+/// that does not apply is never compiled.)
+template <typename Opt = torch::optim::Optimizer>
+auto optimizer_state_key(const torch::Tensor& p) {
+  using Key = typename std::decay_t<decltype(std::declval<Opt&>().state())>::key_type;
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream os;
+    os << p.unsafeGetTensorImpl();
+    return os.str();
+  } else {
+    return static_cast<Key>(p.unsafeGetTensorImpl());
+  }
+}
 
 }  // namespace mpu::detail

@@ -76,7 +76,7 @@ TEST_CASE("Gloo barrier: no rank leaves before every rank has entered",
     auto comm = ctx.make_communicator();
     if (ctx.rank == 0) {
       std::this_thread::sleep_for(std::chrono::milliseconds(300));
-      ctx.store->set("rank0_entered", {1});
+      ctx.store->set("rank0_entered", std::vector<std::uint8_t>{1});
     }
     comm->barrier();
     MPU_EXPECT(ctx.store->check({"rank0_entered"}), "rank ", ctx.rank,

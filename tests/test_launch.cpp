@@ -268,7 +268,8 @@ TEST_CASE("spawn runs every rank with its number, device and store", "[launch][m
     MPU_EXPECT(ctx.world_size == 3, "world size ", ctx.world_size);
     MPU_EXPECT(ctx.device == torch::Device(torch::kCPU), "device ", ctx.device);
     MPU_EXPECT(ctx.store, "no store");
-    ctx.store->set("rank/" + std::to_string(ctx.rank), {static_cast<std::uint8_t>(ctx.rank)});
+    ctx.store->set("rank/" + std::to_string(ctx.rank),
+                   std::vector<std::uint8_t>{static_cast<std::uint8_t>(ctx.rank)});
     for (int r = 0; r < ctx.world_size; ++r) {
       const std::string key = "rank/" + std::to_string(r);
       ctx.store->wait({key});
