@@ -36,7 +36,7 @@ static_assert(sizeof(FlatChunk) == 8, "FlatChunk is uploaded as raw bytes");
 
 /// Elements per chunk. Each block of kFlatBlockThreads threads moves one chunk, in packs of
 /// kFlatPackElements elements (16-byte loads and stores where the addresses allow).
-inline constexpr std::int64_t kFlatChunkElements = 8192;
+inline constexpr std::int64_t kFlatChunkElements = 16384;
 inline constexpr int kFlatBlockThreads = 256;
 inline constexpr int kFlatPackElements = 8;
 

@@ -424,6 +424,7 @@ class NcclCommunicator final : public Communicator {
   // Waits out ncclInProgress (non-blocking communicators) until `deadline`.
   ncclResult_t settle(ncclResult_t result, Clock::time_point deadline, bool* expired) {
     *expired = false;
+    const auto first_poll = Clock::now();
     while (result == ncclInProgress) {
       ncclResult_t state = ncclSuccess;
       const ncclResult_t query = ncclCommGetAsyncError(comm_.get(), &state);
@@ -433,7 +434,13 @@ class NcclCommunicator final : public Communicator {
         *expired = true;
         return ncclInProgress;
       }
-      std::this_thread::sleep_for(kCommPollInterval);
+      // Enqueueing usually settles within microseconds: spin first, sleep only when it lingers,
+      // or every collective would pay a whole poll interval.
+      if (Clock::now() - first_poll < std::chrono::milliseconds(2)) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(kCommPollInterval);
+      }
     }
     return result;
   }

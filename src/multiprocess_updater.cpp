@@ -415,7 +415,13 @@ void MultiprocessParallelUpdater::fail(const std::exception& cause) {
   try {
     workers_->raise_if_dead(std::chrono::milliseconds(2000));
   } catch (const CommError& e) {
-    const std::string msg = e.what();
+    std::string msg = e.what();
+    if (msg.find("Autograd-and-Fork") != std::string::npos) {
+      msg += " [what to do: this process ran backward() before the updater forked its workers, "
+             "and CUDA builds of LibTorch cannot run autograd in processes forked after that. "
+             "Build the MultiprocessParallelUpdater and call its first update() before any "
+             "other training in this process]";
+    }
     finalize();
     throw CommError(msg + " [during: " + what + "]");
   }

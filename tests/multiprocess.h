@@ -19,7 +19,12 @@
 
 #include "catch_torch.h"
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <sstream>
 #include <string>
@@ -108,6 +113,52 @@ inline void run_ranks(int n, const std::function<void(const SpawnContext&)>& fn,
   }
   INFO(failure);
   REQUIRE(failure.empty());
+}
+
+/// Runs `fn` in a forked child and returns the tensors it returned; fails the current test with
+/// the child's error otherwise. On CUDA builds of LibTorch, a process that has run backward()
+/// cannot fork processes that run backward() again ("Autograd-and-Fork"), so a test that forks
+/// several times (a MultiprocessParallelUpdater, then a reference run) does each in its own
+/// child, and the test process itself never runs autograd.
+inline std::vector<torch::Tensor> run_isolated(
+    const std::function<std::vector<torch::Tensor>()>& fn) {
+  const auto path = std::filesystem::temp_directory_path() /
+                    ("mpu_isolated_" + std::to_string(::getpid()) + "_" +
+                     std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()));
+  const auto error_path = path.string() + ".error";
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    int code = 0;
+    try {
+      torch::save(fn(), path.string());
+    } catch (const std::exception& e) {
+      std::FILE* f = std::fopen(error_path.c_str(), "w");
+      if (f != nullptr) {
+        std::fputs(e.what(), f);
+        std::fclose(f);
+      }
+      code = 1;
+    }
+    ::_exit(code);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  std::string error;
+  if (std::FILE* f = std::fopen(error_path.c_str(), "r")) {
+    char buf[4096];
+    std::size_t n = 0;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) error.append(buf, n);
+    std::fclose(f);
+    std::remove(error_path.c_str());
+  }
+  INFO("isolated child: wait status " << status << (error.empty() ? "" : ": ") << error);
+  REQUIRE((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  std::vector<torch::Tensor> out;
+  torch::load(out, path.string());
+  std::remove(path.c_str());
+  return out;
 }
 
 }  // namespace mpu::test

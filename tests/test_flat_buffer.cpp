@@ -100,7 +100,7 @@ Named named_of(const std::vector<torch::Tensor>& tensors) {
 // a multiple of the 8-element pack, one chunk exactly, one element past it, several chunks, an
 // empty tensor (skipped).
 const std::vector<std::vector<std::int64_t>> kShapes = {
-    {3, 5}, {7}, {1}, {0}, {2, 3, 4}, {8192}, {8193}, {2 * 8192 + 5}, {64, 3, 3, 3}, {1000}};
+    {3, 5}, {7}, {1}, {0}, {2, 3, 4}, {8192}, {8193}, {16384}, {16385}, {2 * 16384 + 5}, {64, 3, 3, 3}, {1000}};
 
 // How a test tensor sits in memory.
 enum class Layout { kContiguous, kMisaligned, kTransposed };
@@ -681,10 +681,10 @@ TEST_CASE("CUDA round trips are bit-exact for fp32, fp16, bf16 and mixed models"
           "[flat_buffer][cuda]") {
   if (!cuda_or_skip()) return;
   SECTION("contiguous tensors") {
-    check_round_trips(torch::kCUDA, false);
+    check_round_trips(torch::Device(torch::kCUDA, 0), false);
   }
   SECTION("misaligned and transposed tensors") {
-    check_round_trips(torch::kCUDA, true);
+    check_round_trips(torch::Device(torch::kCUDA, 0), true);
   }
 }
 
@@ -734,13 +734,13 @@ TEST_CASE("CUDA gather and scatter agree bit for bit with the CPU path", "[flat_
 TEST_CASE("CUDA: gradients of model A scattered into model B give equal parameters after SGD",
           "[flat_buffer][cuda]") {
   if (!cuda_or_skip()) return;
-  check_sgd_transfer(torch::kCUDA);
+  check_sgd_transfer(torch::Device(torch::kCUDA, 0));
 }
 
 TEST_CASE("CUDA: missing gradients gather as zeros and scatter creates them",
           "[flat_buffer][cuda]") {
   if (!cuda_or_skip()) return;
-  check_missing_grads(torch::kCUDA);
+  check_missing_grads(torch::Device(torch::kCUDA, 0));
 }
 
 TEST_CASE("CUDA: pointer tables are cached and rebuilt only when storage changes",
@@ -778,13 +778,13 @@ TEST_CASE("CUDA: pointer tables are cached and rebuilt only when storage changes
 
 TEST_CASE("CUDA zero-copy: views survive backward and optimizer steps", "[flat_buffer][cuda]") {
   if (!cuda_or_skip()) return;
-  check_zero_copy_training(torch::kCUDA);
+  check_zero_copy_training(torch::Device(torch::kCUDA, 0));
 }
 
 TEST_CASE("CUDA zero-copy: a replaced gradient or parameter is copied back, warned once",
           "[flat_buffer][cuda]") {
   if (!cuda_or_skip()) return;
-  check_zero_copy_repair(torch::kCUDA);
+  check_zero_copy_repair(torch::Device(torch::kCUDA, 0));
 }
 
 TEST_CASE("CUDA: parameters on two devices, or a flat buffer on the wrong one, are refused",

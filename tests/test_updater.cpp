@@ -143,8 +143,11 @@ void equivalence(const std::string& name, const std::vector<torch::Device>& devi
     for (const auto& [policy_name, policy] :
          {std::pair{"sum", mpu::ScalingPolicy::sum()}, std::pair{"mean", mpu::ScalingPolicy::mean()}}) {
       SECTION(opt_name + " n=" + std::to_string(n) + " " + policy_name) {
-        const auto parallel = mpu_run(make_opt, devices, policy);
-        const auto reference = reference_run(make_opt, n, devices[0]);
+        // Each run in a child of its own: see mpu::test::run_isolated.
+        const auto parallel =
+            mpu::test::run_isolated([&, p = policy] { return mpu_run(make_opt, devices, p); });
+        const auto reference =
+            mpu::test::run_isolated([&] { return reference_run(make_opt, n, devices[0]); });
         check_close(parallel, reference);
         // And the parameters moved: the comparison is not between two untouched models.
         const auto initial = make_net()->parameters();
@@ -290,21 +293,32 @@ TEST_CASE("MultiprocessParallelUpdater rescales exactly once, also across save a
   auto lr_of = [](torch::optim::Optimizer& o) {
     return static_cast<torch::optim::SGDOptions&>(o.param_groups()[0].options()).lr();
   };
-  torch::serialize::OutputArchive archive;
-  {
+  // The first run forks and trains in a child of its own (see mpu::test::run_isolated), and
+  // hands back its saved state and its rescaled learning rate.
+  const auto saved = mpu::test::run_isolated([&] {
     auto net = make_net();
     torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
     mpu::MultiprocessParallelUpdater updater(net, opt, make_its(), loss_of(net), cpus(2));
-    CHECK(lr_of(opt) == 0.05);
+    const double lr = lr_of(opt);
     for (int i = 0; i < 3; ++i) updater.update();
+    torch::serialize::OutputArchive archive;
     updater.save(archive);
-  }
-  std::ostringstream bytes;
-  archive.save_to(bytes);
+    std::ostringstream out;
+    archive.save_to(out);
+    const std::string b = out.str();
+    return std::vector<torch::Tensor>{
+        torch::tensor(std::vector<std::uint8_t>(b.begin(), b.end()), torch::kUInt8),
+        torch::tensor(lr, torch::kDouble)};
+  });
+  REQUIRE(saved.size() == 2);
+  CHECK(saved[1].item<double>() == 0.05);
+  const auto raw = saved[0].contiguous();
+  const std::string bytes(reinterpret_cast<const char*>(raw.data_ptr<std::uint8_t>()),
+                          static_cast<std::size_t>(raw.numel()));
   auto net = make_net();
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
   mpu::MultiprocessParallelUpdater updater(net, opt, make_its(), loss_of(net), cpus(2));
-  std::istringstream in(bytes.str());
+  std::istringstream in(bytes);
   torch::serialize::InputArchive loaded;
   loaded.load_from(in);
   updater.load(loaded);
