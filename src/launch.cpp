@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -23,6 +24,7 @@
 #include <iostream>
 #include <set>
 #include <sstream>
+#include <mutex>
 #include <thread>
 
 #include "communicator_detail.h"
@@ -211,6 +213,12 @@ std::vector<torch::Device> local_gpus() {
     devices.emplace_back(torch::kCUDA, static_cast<c10::DeviceIndex>(i));
   }
   return devices;
+}
+
+void manual_seed(std::uint64_t seed) {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_current_seed(seed);
 }
 
 bool cuda_initialized() {

@@ -11,11 +11,9 @@
 #include "mpu/datasets.h"
 #include "mpu/defaults.h"
 
-// Debian's LibTorch 1.13 is built with glog, whose CHECK macro arrives with <torch/torch.h>
-// and would silently replace Catch's. So torch comes first, then Catch's CHECK is defined.
-#undef CHECK
 
-#include <catch2/catch.hpp>
+#include "catch_torch.h"
+#include "remove_tree.h"
 
 namespace fs = std::filesystem;
 using mpu::datasets::Split;
@@ -81,8 +79,7 @@ struct TempDir {
     path = pattern;
   }
   ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
+    mpu::test::remove_tree(path);
   }
   std::string operator/(const std::string& name) const { return (fs::path(path) / name).string(); }
   std::string path;

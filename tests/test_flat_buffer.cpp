@@ -339,7 +339,8 @@ void check_sgd_transfer(torch::Device device) {
 
 void check_missing_grads(torch::Device device) {
   // Tensors 1 and 4 have no gradient.
-  const std::vector<bool> grads = {true, false, true, true, false, true, true, true, true, true};
+  std::vector<bool> grads(kShapes.size(), true);
+  grads[1] = grads[4] = false;
   const auto a = make_tensors({torch::kFloat, torch::kHalf}, device, 3, false, grads);
   FlatBuffer fa(named_of(a));
   torch::Tensor flat = torch::full({fa.numel()}, 7.0, torch::dtype(torch::kFloat).device(device));

@@ -10,11 +10,8 @@
 #include "mpu/datasets.h"
 #include "mpu/iterator.h"
 
-// Debian's LibTorch 1.13 is built with glog, whose CHECK macro arrives with <torch/torch.h>
-// and would silently replace Catch's. So torch comes first, then Catch's CHECK is defined.
-#undef CHECK
 
-#include <catch2/catch.hpp>
+#include "catch_torch.h"
 
 namespace {
 

@@ -1,6 +1,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
-#include <catch2/catch.hpp>
+#include "catch_torch.h"
+#include "remove_tree.h"
 
 #include <csignal>
 
@@ -29,11 +30,10 @@ class TempDir {
  public:
   explicit TempDir(const std::string& name)
       : path_(fs::temp_directory_path() / ("mpu_test_" + std::to_string(::getpid()) + "_" + name)) {
-    fs::remove_all(path_);
+    mpu::test::remove_tree(path_.string());
   }
   ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
+    mpu::test::remove_tree(path_.string());
   }
   std::string str() const { return path_.string(); }
   fs::path operator/(const std::string& name) const { return path_ / name; }

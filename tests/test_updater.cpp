@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include "catch_torch.h"
+#include "remove_tree.h"
 
 #include <atomic>
 #include <cstdio>
@@ -40,13 +41,13 @@ struct NetImpl : torch::nn::Module {
 TORCH_MODULE(Net);
 
 std::shared_ptr<NetImpl> make_net() {
-  torch::manual_seed(1234);
+  mpu::manual_seed(1234);
   return Net().ptr();
 }
 
 // The whole data set, in the order one process of batch n·b reads it.
 std::shared_ptr<mpu::TensorDataset> make_data(std::int64_t n) {
-  torch::manual_seed(99);
+  mpu::manual_seed(99);
   auto x = torch::randn({n, kFeatures});
   auto y = torch::randint(kClasses, {n}, torch::kInt64);
   return std::make_shared<mpu::TensorDataset>(x, y);
@@ -261,7 +262,7 @@ TEST_CASE("MultiprocessParallelUpdater: one forward per update on the master, id
     CHECK(files == n);
     CHECK(sums.size() == 1);
   }
-  std::filesystem::remove_all(dir);
+  mpu::test::remove_tree(dir.string());
 }
 
 TEST_CASE("MultiprocessParallelUpdater on a single device", "[updater][multiprocess]") {
@@ -387,7 +388,7 @@ TEST_CASE("MultiprocessParallelUpdater refuses to fork once CUDA is initialised"
 TEST_CASE("DistributedUpdater names the first parameter that differs between ranks",
           "[updater][multiprocess]") {
   mpu::test::run_ranks(2, [](const mpu::SpawnContext& ctx) {
-    torch::manual_seed(0);
+    mpu::manual_seed(0);
     auto net = std::make_shared<torch::nn::Module>();
     net->register_parameter("a", torch::zeros({2, 3}));
     net->register_parameter("b", torch::zeros({ctx.rank == 0 ? 4 : 5}));

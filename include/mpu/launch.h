@@ -38,6 +38,13 @@ std::vector<torch::Device> local_gpus();
 /// children cannot use CUDA. Asks the driver only when it is already loaded; never initialises it.
 bool cuda_initialized();
 
+/// Seeds LibTorch's default CPU generator, and nothing else. Use it instead of
+/// `torch::manual_seed` before a `MultiprocessParallelUpdater` forks: on CUDA builds of LibTorch,
+/// `torch::manual_seed` also seeds every GPU's generator, which initialises CUDA, and the forked
+/// workers could then not use their GPUs. Each process seeds its own GPU generators later, if it
+/// needs to.
+void manual_seed(std::uint64_t seed);
+
 // --- Rendezvous store ------------------------------------------------------------------------
 
 /// A TCPStore server started in this process, and the port it listens on.
