@@ -68,11 +68,16 @@ __device__ __forceinline__ Dst convert(Src x, float scale) {
   }
 }
 
-// --- Packs: kPack elements moved with 16-byte loads and stores ---------------------------------
-template <typename T>
-struct Pack {
-  static constexpr int kVecs = kPack * static_cast<int>(sizeof(T)) / 16;
-  uint4 v[kVecs];
+// --- Groups: G consecutive elements moved with one vector load or store -----------------------
+// A group of G elements of T is G * sizeof(T) = 4, 8 or 16 bytes, held as 1, 2 or 4 32-bit words
+// (element 0 in the low bits, as in memory).
+template <typename T, int G>
+struct Group {
+  static constexpr int kBytes = G * static_cast<int>(sizeof(T));
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16,
+                "a group is one 4-, 8- or 16-byte vector");
+  static constexpr int kWords = kBytes / 4;
+  unsigned w[kWords];
 };
 
 // Bit patterns, widened to unsigned (2- and 4-byte types) or unsigned long long (8-byte types).
@@ -107,58 +112,72 @@ __device__ __forceinline__ double from_bits<double>(unsigned long long b) {
   return __longlong_as_double(static_cast<long long>(b));
 }
 
-__device__ __forceinline__ unsigned word_of(const uint4& v, int k) {
-  return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
-}
-
-// Element i of a pack. Bit operations, not pointer casts, so that the pack stays in registers
-// and its stores stay 16 bytes wide.
-template <typename T>
-__device__ __forceinline__ T pack_get(const Pack<T>& p, int i) {
+// Element i of a group. Bit operations, not pointer casts, so that the group stays in registers
+// and its loads and stores stay one vector wide.
+template <typename T, int G>
+__device__ __forceinline__ T group_get(const Group<T, G>& g, int i) {
   if constexpr (sizeof(T) == 2) {
-    return from_bits<T>(word_of(p.v[i / 8], (i % 8) / 2) >> (16 * (i % 2)));
+    return from_bits<T>(g.w[i / 2] >> (16 * (i % 2)));
   } else if constexpr (sizeof(T) == 4) {
-    return from_bits<T>(word_of(p.v[i / 4], i % 4));
+    return from_bits<T>(g.w[i]);
   } else {
-    const unsigned long long lo = word_of(p.v[i / 2], (i % 2) * 2);
-    const unsigned long long hi = word_of(p.v[i / 2], (i % 2) * 2 + 1);
+    const unsigned long long lo = g.w[2 * i];
+    const unsigned long long hi = g.w[2 * i + 1];
     return from_bits<T>(lo | (hi << 32));
   }
 }
 
-// A pack made of kPack elements.
-template <typename T>
-__device__ __forceinline__ void pack_set_all(Pack<T>& p, const T (&x)[kPack]) {
+// A group made of G elements.
+template <typename T, int G>
+__device__ __forceinline__ void group_set_all(Group<T, G>& g, const T (&x)[G]) {
 #pragma unroll
-  for (int k = 0; k < Pack<T>::kVecs; ++k) {
-    unsigned w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if constexpr (sizeof(T) == 2) {
-        w[j] = to_bits(x[k * 8 + 2 * j]) | (to_bits(x[k * 8 + 2 * j + 1]) << 16);
-      } else if constexpr (sizeof(T) == 4) {
-        w[j] = to_bits(x[k * 4 + j]);
-      } else {
-        w[j] = static_cast<unsigned>(to_bits(x[k * 2 + j / 2]) >> (32 * (j % 2)));
-      }
+  for (int j = 0; j < Group<T, G>::kWords; ++j) {
+    if constexpr (sizeof(T) == 2) {
+      g.w[j] = to_bits(x[2 * j]) | (to_bits(x[2 * j + 1]) << 16);
+    } else if constexpr (sizeof(T) == 4) {
+      g.w[j] = to_bits(x[j]);
+    } else {
+      g.w[j] = static_cast<unsigned>(to_bits(x[j / 2]) >> (32 * (j % 2)));
     }
-    p.v[k] = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void load_pack(Pack<T>& pack, const T* __restrict__ src) {
-  const uint4* s = reinterpret_cast<const uint4*>(src);
-#pragma unroll
-  for (int i = 0; i < Pack<T>::kVecs; ++i) pack.v[i] = __ldg(s + i);
+// `src` must be aligned to the group's size.
+template <typename T, int G>
+__device__ __forceinline__ void load_group(Group<T, G>& g, const T* __restrict__ src) {
+  if constexpr (Group<T, G>::kWords == 4) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+    g.w[0] = v.x;
+    g.w[1] = v.y;
+    g.w[2] = v.z;
+    g.w[3] = v.w;
+  } else if constexpr (Group<T, G>::kWords == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+    g.w[0] = v.x;
+    g.w[1] = v.y;
+  } else {
+    g.w[0] = __ldg(reinterpret_cast<const unsigned*>(src));
+  }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_pack(T* __restrict__ dst, const Pack<T>& pack) {
-  uint4* d = reinterpret_cast<uint4*>(dst);
-#pragma unroll
-  for (int i = 0; i < Pack<T>::kVecs; ++i) __stwb(d + i, pack.v[i]);
+// `dst` must be aligned to the group's size.
+template <typename T, int G>
+__device__ __forceinline__ void store_group(T* __restrict__ dst, const Group<T, G>& g) {
+  if constexpr (Group<T, G>::kWords == 4) {
+    __stwb(reinterpret_cast<uint4*>(dst), make_uint4(g.w[0], g.w[1], g.w[2], g.w[3]));
+  } else if constexpr (Group<T, G>::kWords == 2) {
+    __stwb(reinterpret_cast<uint2*>(dst), make_uint2(g.w[0], g.w[1]));
+  } else {
+    __stwb(reinterpret_cast<unsigned*>(dst), g.w[0]);
+  }
 }
+
+// Elements per group when moving Src to Dst: as many as fill 16 bytes of the wider type, so the
+// wide side moves 16-byte vectors and the narrow side 8- or 4-byte ones (8 for 2-byte pairs,
+// 4 when a 4-byte type is involved, 2 when an 8-byte type is).
+template <typename Src, typename Dst>
+constexpr int kGroupElements = 16 / static_cast<int>(sizeof(Src) > sizeof(Dst) ? sizeof(Src)
+                                                                               : sizeof(Dst));
 
 // Packs loaded before the first store: 128 bytes of source per thread per round, so that every
 // source dtype keeps the same number of bytes in flight and the same register budget. (64 bytes
@@ -168,55 +187,81 @@ constexpr int kPacksPerRound = 128 / (kPack * static_cast<int>(sizeof(T))) < kPa
                                    ? 128 / (kPack * static_cast<int>(sizeof(T)))
                                    : kPacksPerThread;
 
-// Moves n <= kFlatChunkElements elements from src to dst with the whole block. When src and dst
-// can both reach a 16-byte boundary at the same element, a head of fewer than kPack elements
-// goes one by one, the body in 16-byte packs, and a tail of fewer than kPack one by one;
-// otherwise every element goes one by one (still coalesced).
+// Moves n <= kFlatChunkElements elements from src to dst with the whole block.
+//
+// Layout. The wide side is the one with the larger element type (src on a tie). When the wide
+// side can reach a 16-byte boundary at element `head` (< 16 / its element size) and, at that
+// element, the narrow side is aligned to its vector size, then:
+//   - elements [0, head) go one by one;
+//   - the body goes in groups of G = kGroupElements consecutive elements, group g covering
+//     elements head + g*G ... head + g*G + G-1 and moved by thread g % kThreads, so a thread's
+//     i-th group is g = tid + i*kThreads. Each thread thus still moves kPack elements per round
+//     of kThreads packs (kPack / G groups, kThreads*G elements apart), and consecutive threads
+//     touch consecutive vectors on both sides: every warp load and store is fully coalesced;
+//   - a tail of fewer than G elements goes one by one.
+// Otherwise every element goes one by one (still coalesced). Every element is converted on its
+// own, so the layout does not change any result.
 template <typename Src, typename Dst, bool kScaled>
 __device__ __forceinline__ void copy_chunk(const Src* __restrict__ src, Dst* __restrict__ dst,
                                            int n, float scale) {
+  constexpr int G = kGroupElements<Src, Dst>;
+  static_assert(kPack % G == 0, "a pack must be a whole number of groups");
+  constexpr bool kSrcWide = sizeof(Src) >= sizeof(Dst);
+  constexpr std::uintptr_t kWideSize = kSrcWide ? sizeof(Src) : sizeof(Dst);
+  constexpr std::uintptr_t kSrcVec = G * sizeof(Src);
+  constexpr std::uintptr_t kDstVec = G * sizeof(Dst);
+  static_assert((kSrcWide ? kSrcVec : kDstVec) == 16, "the wide side moves 16-byte vectors");
+
   const int tid = static_cast<int>(threadIdx.x);
   const auto src_addr = reinterpret_cast<std::uintptr_t>(src);
   const auto dst_addr = reinterpret_cast<std::uintptr_t>(dst);
-  const int head = static_cast<int>(((16 - src_addr % 16) % 16) / sizeof(Src));
-  const bool packed = src_addr % sizeof(Src) == 0 && head < n &&
-                      (dst_addr + static_cast<std::uintptr_t>(head) * sizeof(Dst)) % 16 == 0;
+  const std::uintptr_t wide_addr = kSrcWide ? src_addr : dst_addr;
+  const int head = static_cast<int>(((16 - wide_addr % 16) % 16) / kWideSize);
+  const auto h = static_cast<std::uintptr_t>(head);
+  // These also imply that src and dst are aligned to their element sizes.
+  const bool packed = head < n && (src_addr + h * sizeof(Src)) % kSrcVec == 0 &&
+                      (dst_addr + h * sizeof(Dst)) % kDstVec == 0;
   if (!packed) {
     for (int i = tid; i < n; i += kThreads) dst[i] = convert<Src, Dst, kScaled>(src[i], scale);
     return;
   }
   if (tid < head) dst[tid] = convert<Src, Dst, kScaled>(src[tid], scale);
-  const int packs = (n - head) / kPack;
-  const Src* __restrict__ s = src + head;
-  Dst* __restrict__ d = dst + head;
-  constexpr int kRound = kPacksPerRound<Src>;
-  static_assert(kRound >= 1 && kPacksPerThread % kRound == 0, "rounds must tile the chunk");
+  const int groups = (n - head) / G;
+  // This thread's groups are tid + i*kThreads for i < mine.
+  const int mine = tid < groups ? (groups - tid + kThreads - 1) / kThreads : 0;
+  const Src* __restrict__ s = src + head + tid * G;
+  Dst* __restrict__ d = dst + head + tid * G;
+  // groups <= n / G <= kThreads * kGroupsPerThread, so the loop below reaches every group.
+  constexpr int kGroupsPerThread = kPacksPerThread * (kPack / G);
+  constexpr int kGroupsPerRound = kPacksPerRound<Src> * (kPack / G);
+  static_assert(kGroupsPerRound >= 1 && kGroupsPerThread % kGroupsPerRound == 0,
+                "rounds must tile the chunk");
+  static_assert(static_cast<std::int64_t>(kThreads) * kGroupsPerThread * G == kFlatChunkElements,
+                "the groups of all threads must cover a chunk");
 #pragma unroll
-  for (int r = 0; r < kPacksPerThread; r += kRound) {
-    Pack<Src> in[kRound];
+  for (int r = 0; r < kGroupsPerThread; r += kGroupsPerRound) {
+    Group<Src, G> in[kGroupsPerRound];
 #pragma unroll
-    for (int u = 0; u < kRound; ++u) {
-      const int p = tid + (r + u) * kThreads;
-      if (p < packs) load_pack(in[u], s + p * kPack);
+    for (int u = 0; u < kGroupsPerRound; ++u) {
+      if (r + u < mine) load_group(in[u], s + (r + u) * (kThreads * G));
     }
 #pragma unroll
-    for (int u = 0; u < kRound; ++u) {
-      const int p = tid + (r + u) * kThreads;
-      if (p >= packs) continue;
+    for (int u = 0; u < kGroupsPerRound; ++u) {
+      if (r + u >= mine) continue;
+      Dst* __restrict__ out_ptr = d + (r + u) * (kThreads * G);
       if constexpr (std::is_same_v<Src, Dst> && !kScaled) {
-        store_pack(d + p * kPack, in[u]);
+        store_group(out_ptr, in[u]);
       } else {
-        Dst x[kPack];
+        Dst x[G];
 #pragma unroll
-        for (int j = 0; j < kPack; ++j)
-          x[j] = convert<Src, Dst, kScaled>(pack_get(in[u], j), scale);
-        Pack<Dst> out;
-        pack_set_all(out, x);
-        store_pack(d + p * kPack, out);
+        for (int j = 0; j < G; ++j) x[j] = convert<Src, Dst, kScaled>(group_get(in[u], j), scale);
+        Group<Dst, G> out;
+        group_set_all(out, x);
+        store_group(out_ptr, out);
       }
     }
   }
-  const int tail = head + packs * kPack;
+  const int tail = head + groups * G;
   if (tail + tid < n) dst[tail + tid] = convert<Src, Dst, kScaled>(src[tail + tid], scale);
 }
 
@@ -266,8 +311,13 @@ __device__ __forceinline__ void gather_from(const void* ptr, Wire* __restrict__ 
   }
 }
 
+// ptxas gives the gather 48 registers either way, but spills a few bytes unless told to aim at
+// this many blocks per SM (65536 / (5 * 256) = 51 registers). The scatter needs more registers
+// and keeps the default bound.
+constexpr int kGatherMinBlocks = 5;
+
 template <typename Wire>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kGatherMinBlocks)
     flat_gather_kernel(const FlatTensor* __restrict__ tensors, const FlatChunk* __restrict__ chunks,
                        Wire* __restrict__ flat, float scale) {
   const ChunkWork w = chunk_work(tensors, chunks);
