@@ -16,7 +16,9 @@ IteratorBatchSource::IteratorBatchSource(std::shared_ptr<Iterator> iterator)
             "with IteratorOptions(batch).repeat(false).shuffle(false)");
 }
 
-void IteratorBatchSource::reset() { iterator_->reset(); }
+void IteratorBatchSource::reset() {
+  iterator_->reset();
+}
 
 std::optional<Batch> IteratorBatchSource::next() {
   if (iterator_->finished()) return std::nullopt;

@@ -22,9 +22,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <mutex>
 #include <set>
 #include <sstream>
-#include <mutex>
 #include <thread>
 
 #include "communicator_detail.h"

@@ -77,11 +77,12 @@ MasterStep::MasterStep(torch::nn::Module& model, Communicator& comm, Reduction r
       reduction_(reduction),
       wire_dtype_(wire_dtype),
       flat_(model, flat_options(model, wire_dtype)) {
-  MPU_CHECK(flat_.numel() > 0, "MasterStep: the model has no parameters with elements; there is "
-                               "nothing to train");
-  MPU_CHECK(wire_dtype == torch::kFloat || wire_dtype == torch::kHalf ||
-                wire_dtype == torch::kBFloat16,
-            "MasterStep: wire_dtype must be float32, float16 or bfloat16, got ", wire_dtype);
+  MPU_CHECK(flat_.numel() > 0,
+            "MasterStep: the model has no parameters with elements; there is "
+            "nothing to train");
+  MPU_CHECK(
+      wire_dtype == torch::kFloat || wire_dtype == torch::kHalf || wire_dtype == torch::kBFloat16,
+      "MasterStep: wire_dtype must be float32, float16 or bfloat16, got ", wire_dtype);
   const auto opts = torch::TensorOptions().device(flat_.device());
   if (!(flat_.zero_copy() && wire_dtype_ == flat_.dtype())) {
     grad_wire_ = torch::empty({flat_.numel()}, opts.dtype(wire_dtype_));
@@ -145,10 +146,10 @@ void MasterStep::check_same_layout() {
     const auto b = lines_of(mine);
     std::size_t i = 0;
     while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
-    difference = cat("parameter #", i, ": rank 0 has ",
-                     i < a.size() ? "'" + a[i] + "'" : std::string("nothing"), ", rank ",
-                     comm_.rank(), " has ", i < b.size() ? "'" + b[i] + "'" : std::string("nothing"),
-                     " (", a.size(), " vs ", b.size(), " parameters)");
+    difference = cat(
+        "parameter #", i, ": rank 0 has ", i < a.size() ? "'" + a[i] + "'" : std::string("nothing"),
+        ", rank ", comm_.rank(), " has ", i < b.size() ? "'" + b[i] + "'" : std::string("nothing"),
+        " (", a.size(), " vs ", b.size(), " parameters)");
   }
   auto flags = torch::zeros({comm_.size()}, torch::TensorOptions().device(comm_.device()));
   if (!difference.empty()) flags[comm_.rank()] = 1.0f;

@@ -183,7 +183,8 @@ std::vector<torch::Device> devices_from_map(const std::map<std::string, torch::D
   auto main = devices.find("main");
   MPU_CHECK(main != devices.end(),
             "MultiprocessParallelUpdater: the devices map needs a \"main\" entry for the master, "
-            "got ", devices.size(), " entries without one");
+            "got ",
+            devices.size(), " entries without one");
   std::vector<torch::Device> out{main->second};
   for (const auto& [name, device] : devices) {
     if (name != "main") out.push_back(device);
@@ -195,17 +196,19 @@ void validate(const torch::nn::Module& model, const std::vector<std::shared_ptr<
               const LossFunction& loss_fn, const std::vector<torch::Device>& devices) {
   const char* who = "MultiprocessParallelUpdater";
   MPU_CHECK(!devices.empty(), who, ": no devices given");
-  MPU_CHECK(its.size() == devices.size(), who, ": ", its.size(), " iterators for ",
-            devices.size(), " devices; give one iterator per device (mpu::split_iterators "
+  MPU_CHECK(its.size() == devices.size(), who, ": ", its.size(), " iterators for ", devices.size(),
+            " devices; give one iterator per device (mpu::split_iterators "
             "makes them)");
   MPU_CHECK(static_cast<bool>(loss_fn), who, ": loss_fn is empty");
   for (std::size_t i = 0; i < its.size(); ++i) {
     MPU_CHECK(its[i] != nullptr, who, ": iterator ", i, " is null");
   }
   for (std::size_t i = 1; i < its.size(); ++i) {
-    MPU_CHECK(its[i]->dataset_size() == its[0]->dataset_size(), who, ": the datasets differ in "
-              "length: iterator 0 has ", its[0]->dataset_size(), " examples, iterator ", i,
-              " has ", its[i]->dataset_size(), ". Every device must run the same number of "
+    MPU_CHECK(its[i]->dataset_size() == its[0]->dataset_size(), who,
+              ": the datasets differ in "
+              "length: iterator 0 has ",
+              its[0]->dataset_size(), " examples, iterator ", i, " has ", its[i]->dataset_size(),
+              ". Every device must run the same number of "
               "batches per epoch; split with mpu::split_dataset_n_random");
   }
   const bool gpu = devices[0].is_cuda();
@@ -214,22 +217,26 @@ void validate(const torch::nn::Module& model, const std::vector<std::shared_ptr<
     const auto& d = devices[i];
     MPU_CHECK(d.is_cuda() || d.is_cpu(), who, ": device ", i, " is ", d.str(),
               "; only CPU and CUDA devices are supported");
-    MPU_CHECK(d.is_cuda() == gpu, who, ": devices mix CPU and GPU (device 0 is ",
-              devices[0].str(), ", device ", i, " is ", d.str(), "); use only GPUs or only CPUs");
+    MPU_CHECK(d.is_cuda() == gpu, who, ": devices mix CPU and GPU (device 0 is ", devices[0].str(),
+              ", device ", i, " is ", d.str(), "); use only GPUs or only CPUs");
     if (!d.is_cuda()) continue;
     const int index = d.has_index() ? d.index() : 0;
-    MPU_CHECK(seen.insert(index).second, who, ": device ", d.str(), " is listed twice; each "
+    MPU_CHECK(seen.insert(index).second, who, ": device ", d.str(),
+              " is listed twice; each "
               "GPU runs one process");
   }
   if (gpu) {
     const int count = local_gpu_count();
     for (const auto& d : devices) {
-      MPU_CHECK(d.index() < count, who, ": device ", d.str(), " is not present; this machine "
-                "has ", count, " visible GPU(s) (mpu::local_gpus() lists them)");
+      MPU_CHECK(d.index() < count, who, ": device ", d.str(),
+                " is not present; this machine "
+                "has ",
+                count, " visible GPU(s) (mpu::local_gpus() lists them)");
     }
   }
   if (gpu) {
-    MPU_CHECK(!cuda_initialized(), who, ": CUDA is already initialised in this process, and "
+    MPU_CHECK(!cuda_initialized(), who,
+              ": CUDA is already initialised in this process, and "
               "the workers it forks could not use it. Construct the updater (and count GPUs with "
               "mpu::local_gpus(), which uses NVML) before anything touches CUDA: no "
               "torch::cuda::device_count(), no model.to(kCUDA), no CUDA tensors before the "
@@ -257,8 +264,7 @@ MultiprocessParallelUpdater::MultiprocessParallelUpdater(
   MPU_CHECK(model_ != nullptr, "MultiprocessParallelUpdater: model is null");
   detail::check_has_parameters(*model_, "MultiprocessParallelUpdater");
   validate(*model_, iterators_, loss_fn_, devices_);
-  scaling_changes_ = apply_scaling(optimizer_, static_cast<int>(devices_.size()),
-                                   options_.scaling);
+  scaling_changes_ = apply_scaling(optimizer_, static_cast<int>(devices_.size()), options_.scaling);
 }
 
 MultiprocessParallelUpdater::MultiprocessParallelUpdater(
@@ -367,9 +373,9 @@ void MultiprocessParallelUpdater::start() {
       std::copy(rendezvous.begin(), rendezvous.end(), id.begin());
       comm = make_nccl_communicator(id, k, n, device.index(), options_.timeout);
     } else {
-      comm = make_gloo_communicator(connect_store("127.0.0.1", std::stoi(rendezvous),
-                                                  options_.timeout),
-                                    k, n, options_.timeout);
+      comm = make_gloo_communicator(
+          connect_store("127.0.0.1", std::stoi(rendezvous), options_.timeout), k, n,
+          options_.timeout);
     }
     detail::MasterStep step(*model_, *comm, options_.scaling.reduction, options_.wire_dtype);
     step.broadcast_parameters();
@@ -417,10 +423,11 @@ void MultiprocessParallelUpdater::fail(const std::exception& cause) {
   } catch (const CommError& e) {
     std::string msg = e.what();
     if (msg.find("Autograd-and-Fork") != std::string::npos) {
-      msg += " [what to do: this process ran backward() before the updater forked its workers, "
-             "and CUDA builds of LibTorch cannot run autograd in processes forked after that. "
-             "Build the MultiprocessParallelUpdater and call its first update() before any "
-             "other training in this process]";
+      msg +=
+          " [what to do: this process ran backward() before the updater forked its workers, "
+          "and CUDA builds of LibTorch cannot run autograd in processes forked after that. "
+          "Build the MultiprocessParallelUpdater and call its first update() before any "
+          "other training in this process]";
     }
     finalize();
     throw CommError(msg + " [during: " + what + "]");
@@ -453,11 +460,15 @@ void MultiprocessParallelUpdater::update() {
   if (iterators_[0]->is_new_epoch() && options_.on_new_epoch) options_.on_new_epoch(*this);
 }
 
-std::int64_t MultiprocessParallelUpdater::epoch() const { return iterators_[0]->epoch(); }
+std::int64_t MultiprocessParallelUpdater::epoch() const {
+  return iterators_[0]->epoch();
+}
 double MultiprocessParallelUpdater::epoch_detail() const {
   return iterators_[0]->epoch_detail();
 }
-bool MultiprocessParallelUpdater::is_new_epoch() const { return iterators_[0]->is_new_epoch(); }
+bool MultiprocessParallelUpdater::is_new_epoch() const {
+  return iterators_[0]->is_new_epoch();
+}
 
 void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive) const {
   detail::save_state(archive, *model_, optimizer_, *iterators_[0], iteration_);
@@ -475,9 +486,9 @@ void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive)
     } else {
       blob = detail::serialize([&](auto& a) { iterators_[k]->save(a); });
     }
-    archive.write("iterator_blob_" + std::to_string(k),
-                  torch::tensor(std::vector<std::uint8_t>(blob.begin(), blob.end()),
-                                torch::kUInt8));
+    archive.write(
+        "iterator_blob_" + std::to_string(k),
+        torch::tensor(std::vector<std::uint8_t>(blob.begin(), blob.end()), torch::kUInt8));
   }
 }
 

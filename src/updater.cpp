@@ -18,8 +18,8 @@ torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options
                                const LossFunction& loss_fn, const torch::Device& device,
                                const std::function<void()>& zero_grad) {
   const Batch batch = iterator.next();
-  const Batch on_device = options.converter ? options.converter(batch, device)
-                                            : to_device(batch, device);
+  const Batch on_device =
+      options.converter ? options.converter(batch, device) : to_device(batch, device);
   torch::Tensor loss;
   {
     ReportScope scope("main");
@@ -101,9 +101,15 @@ void StandardUpdater::update() {
   if (iterator_->is_new_epoch() && options_.on_new_epoch) options_.on_new_epoch(*this);
 }
 
-std::int64_t StandardUpdater::epoch() const { return iterator_->epoch(); }
-double StandardUpdater::epoch_detail() const { return iterator_->epoch_detail(); }
-bool StandardUpdater::is_new_epoch() const { return iterator_->is_new_epoch(); }
+std::int64_t StandardUpdater::epoch() const {
+  return iterator_->epoch();
+}
+double StandardUpdater::epoch_detail() const {
+  return iterator_->epoch_detail();
+}
+bool StandardUpdater::is_new_epoch() const {
+  return iterator_->is_new_epoch();
+}
 
 void StandardUpdater::save(torch::serialize::OutputArchive& archive) const {
   detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);
@@ -128,8 +134,9 @@ DistributedUpdater::DistributedUpdater(std::shared_ptr<torch::nn::Module> model,
       options_(std::move(options)) {
   MPU_CHECK(model_ != nullptr, "DistributedUpdater: model is null");
   MPU_CHECK(iterator_ != nullptr, "DistributedUpdater: iterator is null");
-  MPU_CHECK(comm_ != nullptr, "DistributedUpdater: communicator is null; build one with "
-                              "mpu::init() or take the one mpu::spawn() gives each rank");
+  MPU_CHECK(comm_ != nullptr,
+            "DistributedUpdater: communicator is null; build one with "
+            "mpu::init() or take the one mpu::spawn() gives each rank");
   MPU_CHECK(static_cast<bool>(loss_fn_), "DistributedUpdater: loss_fn is empty");
   detail::check_has_parameters(*model_, "DistributedUpdater");
   model_->to(comm_->device());
@@ -154,13 +161,27 @@ void DistributedUpdater::update() {
   if (iterator_->is_new_epoch() && options_.on_new_epoch && is_main()) options_.on_new_epoch(*this);
 }
 
-std::int64_t DistributedUpdater::epoch() const { return iterator_->epoch(); }
-double DistributedUpdater::epoch_detail() const { return iterator_->epoch_detail(); }
-bool DistributedUpdater::is_new_epoch() const { return iterator_->is_new_epoch(); }
-bool DistributedUpdater::is_main() const { return comm_->rank() == 0; }
-int DistributedUpdater::rank() const { return comm_->rank(); }
-int DistributedUpdater::world_size() const { return comm_->size(); }
-torch::Device DistributedUpdater::device() const { return comm_->device(); }
+std::int64_t DistributedUpdater::epoch() const {
+  return iterator_->epoch();
+}
+double DistributedUpdater::epoch_detail() const {
+  return iterator_->epoch_detail();
+}
+bool DistributedUpdater::is_new_epoch() const {
+  return iterator_->is_new_epoch();
+}
+bool DistributedUpdater::is_main() const {
+  return comm_->rank() == 0;
+}
+int DistributedUpdater::rank() const {
+  return comm_->rank();
+}
+int DistributedUpdater::world_size() const {
+  return comm_->size();
+}
+torch::Device DistributedUpdater::device() const {
+  return comm_->device();
+}
 
 void DistributedUpdater::save(torch::serialize::OutputArchive& archive) const {
   detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);

@@ -13,7 +13,9 @@ namespace mpu::test {
 inline void remove_tree(const std::string& path) noexcept {
   ::nftw(
       path.c_str(),
-      [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p) == 0 ? 0 : 0; },
+      [](const char* p, const struct stat*, int, struct FTW*) {
+        return std::remove(p) == 0 ? 0 : 0;
+      },
       16, FTW_DEPTH | FTW_PHYS);
 }
 

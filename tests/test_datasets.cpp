@@ -11,7 +11,6 @@
 #include "mpu/datasets.h"
 #include "mpu/defaults.h"
 
-
 #include "catch_torch.h"
 #include "remove_tree.h"
 
@@ -78,9 +77,7 @@ struct TempDir {
     REQUIRE(::mkdtemp(pattern.data()) != nullptr);
     path = pattern;
   }
-  ~TempDir() {
-    mpu::test::remove_tree(path);
-  }
+  ~TempDir() { mpu::test::remove_tree(path); }
   std::string operator/(const std::string& name) const { return (fs::path(path) / name).string(); }
   std::string path;
 };

@@ -100,7 +100,8 @@ Named named_of(const std::vector<torch::Tensor>& tensors) {
 // a multiple of the 8-element pack, one chunk exactly, one element past it, several chunks, an
 // empty tensor (skipped).
 const std::vector<std::vector<std::int64_t>> kShapes = {
-    {3, 5}, {7}, {1}, {0}, {2, 3, 4}, {8192}, {8193}, {16384}, {16385}, {2 * 16384 + 5}, {64, 3, 3, 3}, {1000}};
+    {3, 5},          {7},           {1},   {0}, {2, 3, 4}, {8192}, {8193}, {16384}, {16385},
+    {2 * 16384 + 5}, {64, 3, 3, 3}, {1000}};
 
 // How a test tensor sits in memory.
 enum class Layout { kContiguous, kMisaligned, kTransposed };

@@ -10,7 +10,6 @@
 #include "mpu/datasets.h"
 #include "mpu/iterator.h"
 
-
 #include "catch_torch.h"
 
 namespace {

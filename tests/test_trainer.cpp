@@ -32,9 +32,7 @@ class TempDir {
       : path_(fs::temp_directory_path() / ("mpu_test_" + std::to_string(::getpid()) + "_" + name)) {
     mpu::test::remove_tree(path_.string());
   }
-  ~TempDir() {
-    mpu::test::remove_tree(path_.string());
-  }
+  ~TempDir() { mpu::test::remove_tree(path_.string()); }
   std::string str() const { return path_.string(); }
   fs::path operator/(const std::string& name) const { return path_ / name; }
 

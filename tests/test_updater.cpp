@@ -12,12 +12,12 @@
 #include <fstream>
 #include <functional>
 
-#include "multiprocess.h"
 #include "mpu/communicator.h"
 #include "mpu/iterator.h"
 #include "mpu/launch.h"
 #include "mpu/reporter.h"
 #include "mpu/updater.h"
+#include "multiprocess.h"
 
 namespace {
 
@@ -62,8 +62,8 @@ std::shared_ptr<mpu::Iterator> shard_for(const mpu::DatasetPtr& all, int k, int 
     for (std::int64_t j = 0; j < kBatch; ++j) idx.push_back(i * big + k * kBatch + j);
   }
   auto subset = std::make_shared<mpu::SubsetDataset>(all, idx);
-  return std::make_shared<mpu::Iterator>(subset,
-                                         mpu::IteratorOptions(kBatch).shuffle(false).prefetch(false));
+  return std::make_shared<mpu::Iterator>(
+      subset, mpu::IteratorOptions(kBatch).shuffle(false).prefetch(false));
 }
 
 using MakeOptimizer =
@@ -141,8 +141,8 @@ void equivalence(const std::string& name, const std::vector<torch::Device>& devi
   for (const auto& [opt_name, make_opt] : optimizers()) {
     if (opt_name != name) continue;
     const int n = static_cast<int>(devices.size());
-    for (const auto& [policy_name, policy] :
-         {std::pair{"sum", mpu::ScalingPolicy::sum()}, std::pair{"mean", mpu::ScalingPolicy::mean()}}) {
+    for (const auto& [policy_name, policy] : {std::pair{"sum", mpu::ScalingPolicy::sum()},
+                                              std::pair{"mean", mpu::ScalingPolicy::mean()}}) {
       SECTION(opt_name + " n=" + std::to_string(n) + " " + policy_name) {
         // Each run in a child of its own: see mpu::test::run_isolated.
         const auto parallel =
@@ -165,7 +165,9 @@ TEST_CASE("MultiprocessParallelUpdater on n CPUs equals one process of batch n*b
   for (const auto& [name, make] : optimizers()) {
     (void)make;
     for (int n : {2, 4}) {
-      DYNAMIC_SECTION(name << " n=" << n) { equivalence(name, cpus(n)); }
+      DYNAMIC_SECTION(name << " n=" << n) {
+        equivalence(name, cpus(n));
+      }
     }
   }
 }
@@ -181,13 +183,16 @@ TEST_CASE("MultiprocessParallelUpdater on GPUs equals one process of batch n*b",
   for (int i = 0; i < std::min(gpus, 4); ++i) devices.emplace_back(torch::kCUDA, i);
   for (const auto& [name, make] : optimizers()) {
     (void)make;
-    DYNAMIC_SECTION(name << " n=" << devices.size()) { equivalence(name, devices); }
+    DYNAMIC_SECTION(name << " n=" << devices.size()) {
+      equivalence(name, devices);
+    }
   }
 }
 
-TEST_CASE("DistributedUpdater on 2 and 4 ranks equals one process of batch n*b, bit-identical "
-          "across ranks",
-          "[updater][multiprocess]") {
+TEST_CASE(
+    "DistributedUpdater on 2 and 4 ranks equals one process of batch n*b, bit-identical "
+    "across ranks",
+    "[updater][multiprocess]") {
   for (int n : {2, 4}) {
     DYNAMIC_SECTION("n=" << n) {
       mpu::test::run_ranks(n, [n](const mpu::SpawnContext& ctx) {
@@ -217,12 +222,13 @@ TEST_CASE("DistributedUpdater on 2 and 4 ranks equals one process of batch n*b, 
   }
 }
 
-TEST_CASE("MultiprocessParallelUpdater: one forward per update on the master, identical "
-          "parameters on every process at every step",
-          "[updater][multiprocess]") {
+TEST_CASE(
+    "MultiprocessParallelUpdater: one forward per update on the master, identical "
+    "parameters on every process at every step",
+    "[updater][multiprocess]") {
   const int n = 3;
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("mpu_updater_" + std::to_string(::getpid()));
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("mpu_updater_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   auto all = make_data(n * kBatch * kIterations);
   auto net = make_net();
@@ -234,7 +240,8 @@ TEST_CASE("MultiprocessParallelUpdater: one forward per update on the master, id
   auto loss_fn = [&, dir](const mpu::Batch& b) {
     // Each process records a checksum of the parameters it starts this forward with.
     double sum = 0;
-    for (const auto& p : net->parameters()) sum += p.detach().to(torch::kDouble).sum().item<double>();
+    for (const auto& p : net->parameters())
+      sum += p.detach().to(torch::kDouble).sum().item<double>();
     std::ofstream(dir / ("step" + std::to_string(calls) + "_pid" + std::to_string(::getpid())))
         << std::hexfloat << sum;
     ++calls;
@@ -353,17 +360,17 @@ TEST_CASE("MultiprocessParallelUpdater refuses bad input with a message that say
                     Catch::Contains("cuda:1 is listed twice"));
   CHECK_THROWS_WITH(make({it(16), it(16)}, Devs{torch::kCPU, torch::Device("cuda:0")}),
                     Catch::Contains("mix CPU and GPU"));
-  CHECK_THROWS_WITH(make({it(16), it(16)}, Devs{torch::Device("cuda:60"), torch::Device("cuda:61")}),
-                    Catch::Contains("cuda:60 is not present"));
+  CHECK_THROWS_WITH(
+      make({it(16), it(16)}, Devs{torch::Device("cuda:60"), torch::Device("cuda:61")}),
+      Catch::Contains("cuda:60 is not present"));
   CHECK_THROWS_WITH(make({}, Devs{}), Catch::Contains("no devices"));
   std::map<std::string, torch::Device> no_main{{"second", torch::kCPU}};
   CHECK_THROWS_WITH(mpu::MultiprocessParallelUpdater(net, opt, {it(16)}, loss_of(net), no_main),
                     Catch::Contains("needs a \"main\" entry"));
 
   auto empty = std::make_shared<torch::nn::Module>();
-  CHECK_THROWS_WITH(
-      mpu::MultiprocessParallelUpdater(empty, opt, {it(16)}, loss_of(net), cpus(1)),
-      Catch::Contains("the model has no parameters"));
+  CHECK_THROWS_WITH(mpu::MultiprocessParallelUpdater(empty, opt, {it(16)}, loss_of(net), cpus(1)),
+                    Catch::Contains("the model has no parameters"));
 }
 
 TEST_CASE("MultiprocessParallelUpdater refuses to fork once CUDA is initialised",
@@ -379,9 +386,9 @@ TEST_CASE("MultiprocessParallelUpdater refuses to fork once CUDA is initialised"
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
   std::vector<std::shared_ptr<mpu::Iterator>> its{shard_for(all, 0, 2), shard_for(all, 1, 2)};
   CHECK_THROWS_WITH(
-      mpu::MultiprocessParallelUpdater(net, opt, its, loss_of(net),
-                                       std::vector<torch::Device>{torch::Device("cuda:0"),
-                                                                  torch::Device("cuda:1")}),
+      mpu::MultiprocessParallelUpdater(
+          net, opt, its, loss_of(net),
+          std::vector<torch::Device>{torch::Device("cuda:0"), torch::Device("cuda:1")}),
       Catch::Contains("CUDA is already initialised") && Catch::Contains("mpu::local_gpus()"));
 }
 

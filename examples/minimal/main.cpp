@@ -8,9 +8,12 @@
 
 struct NetImpl : torch::nn::Module {
   torch::nn::Sequential body{torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 16, 3).padding(1)),
-                             torch::nn::ReLU(), torch::nn::MaxPool2d(2),
+                             torch::nn::ReLU(),
+                             torch::nn::MaxPool2d(2),
                              torch::nn::Conv2d(torch::nn::Conv2dOptions(16, 32, 3).padding(1)),
-                             torch::nn::ReLU(), torch::nn::MaxPool2d(2), torch::nn::Flatten(),
+                             torch::nn::ReLU(),
+                             torch::nn::MaxPool2d(2),
+                             torch::nn::Flatten(),
                              torch::nn::Linear(32 * 7 * 7, 10)};
   NetImpl() { register_module("body", body); }
   torch::Tensor forward(const torch::Tensor& x) { return body->forward(x); }
@@ -40,9 +43,9 @@ int main(int argc, char** argv) try {
       test, mpu::IteratorOptions(1000).repeat(false).shuffle(false));
   trainer.extend(mpu::Evaluator(test_it, loss_fn));
   trainer.extend(mpu::LogReport());
-  trainer.extend(mpu::PrintReport({"epoch", "iteration", "main/loss", "main/accuracy",
-                                   "validation/main/loss", "validation/main/accuracy",
-                                   "elapsed_time"}));
+  trainer.extend(
+      mpu::PrintReport({"epoch", "iteration", "main/loss", "main/accuracy", "validation/main/loss",
+                        "validation/main/accuracy", "elapsed_time"}));
   trainer.extend(mpu::ProgressBar());
   std::cout << "training on " << n << " device(s): " << devices.front() << " ...\n";
   trainer.run();

@@ -22,8 +22,8 @@
 #include <vector>
 
 #include "mpu/batch.h"
-#include "mpu/iterator.h"
 #include "mpu/defaults.h"
+#include "mpu/iterator.h"
 #include "mpu/reporter.h"
 #include "mpu/trainer.h"
 

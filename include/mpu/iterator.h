@@ -26,7 +26,6 @@
 
 namespace mpu {
 
-
 /// The generator behind every random choice of the data layer.
 using Rng = std::mt19937_64;
 
