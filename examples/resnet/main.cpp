@@ -193,10 +193,11 @@ void set_lr(torch::optim::Optimizer& opt, const std::vector<double>& base, doubl
   for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base[g] * factor);
 }
 
-// The synthetic data set: ImageNet-shaped random images, generated once.
-mpu::DatasetPtr synthetic_dataset(std::int64_t n, std::uint64_t seed) {
+// The synthetic data set: ImageNet-shaped random images, generated once, already in the
+// training dtype (bf16 batches are half the bytes to collate and copy to the GPU).
+mpu::DatasetPtr synthetic_dataset(std::int64_t n, std::uint64_t seed, torch::Dtype dtype) {
   auto gen = torch::make_generator<at::CPUGeneratorImpl>(seed);
-  auto images = torch::randn({n, 3, kSyntheticSize, kSyntheticSize}, gen, torch::kFloat);
+  auto images = torch::randn({n, 3, kSyntheticSize, kSyntheticSize}, gen, torch::kFloat).to(dtype);
   auto labels = torch::randint(kSyntheticClasses, {n}, gen, torch::kLong);
   return std::make_shared<mpu::TensorDataset>(images, labels);
 }
@@ -260,7 +261,7 @@ int run(Config c) {
   std::int64_t in_channels = 1;
   std::int64_t classes = kClasses;
   if (c.synthetic) {
-    train = synthetic_dataset(c.batch_size * n * kSyntheticBatchesPerEpoch, c.seed);
+    train = synthetic_dataset(c.batch_size * n * kSyntheticBatchesPerEpoch, c.seed, dtype);
     in_channels = 3;
     classes = kSyntheticClasses;
   } else {
