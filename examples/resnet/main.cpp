@@ -193,10 +193,11 @@ void set_lr(torch::optim::Optimizer& opt, const std::vector<double>& base, doubl
   for (std::size_t g = 0; g < groups.size(); ++g) groups[g].options().set_lr(base[g] * factor);
 }
 
-// The synthetic data set: ImageNet-shaped random images, generated once.
-mpu::DatasetPtr synthetic_dataset(std::int64_t n, std::uint64_t seed) {
+// The synthetic data set: ImageNet-shaped random images, generated once, already in the
+// training dtype (bf16 batches are half the bytes to collate and copy to the GPU).
+mpu::DatasetPtr synthetic_dataset(std::int64_t n, std::uint64_t seed, torch::Dtype dtype) {
   auto gen = torch::make_generator<at::CPUGeneratorImpl>(seed);
-  auto images = torch::randn({n, 3, kSyntheticSize, kSyntheticSize}, gen, torch::kFloat);
+  auto images = torch::randn({n, 3, kSyntheticSize, kSyntheticSize}, gen, torch::kFloat).to(dtype);
   auto labels = torch::randint(kSyntheticClasses, {n}, gen, torch::kLong);
   return std::make_shared<mpu::TensorDataset>(images, labels);
 }
@@ -260,7 +261,7 @@ int run(Config c) {
   std::int64_t in_channels = 1;
   std::int64_t classes = kClasses;
   if (c.synthetic) {
-    train = synthetic_dataset(c.batch_size * n * kSyntheticBatchesPerEpoch, c.seed);
+    train = synthetic_dataset(c.batch_size * n * kSyntheticBatchesPerEpoch, c.seed, dtype);
     in_channels = 3;
     classes = kSyntheticClasses;
   } else {
@@ -361,21 +362,25 @@ int run(Config c) {
                                    mpu::every_epochs(1), "accuracy.png"));
   }
 
-  // Throughput: from the end of the warm-up iterations to the end of training.
+  // Throughput: from the end of the warm-up iterations to the end of the last one, each taken
+  // after the device has finished its work, and before the other extensions (logging) and the
+  // teardown of the workers.
   const std::int64_t warmup =
       std::min(c.warmup_iterations, std::max<std::int64_t>(c.iterations - 1, 0));
-  auto timing = std::make_shared<std::chrono::steady_clock::time_point>();
-  auto sync = [&model] { (void)model->parameters().front().sum().item<double>(); };
-  if (c.synthetic && warmup > 0) {
+  struct Timing {
+    std::chrono::steady_clock::time_point start, end;
+  };
+  auto timing = std::make_shared<Timing>();
+  if (c.synthetic) {
     trainer.extend(mpu::make_extension(
         "throughput",
-        [&updater, warmup, timing, sync](mpu::Trainer&) {
-          if (updater.iteration() == warmup) {
-            sync();
-            *timing = std::chrono::steady_clock::now();
-          }
+        [&updater, &model, warmup, last = c.iterations, timing](mpu::Trainer&) {
+          const std::int64_t it = updater.iteration();
+          if (it != warmup && it != last) return;
+          (void)model->parameters().front().sum().item<double>();  // waits for the device
+          (it == warmup ? timing->start : timing->end) = std::chrono::steady_clock::now();
         },
-        mpu::every_iterations(1)));
+        mpu::every_iterations(1), mpu::kPriorityWriter + 100));
   }
 
   if (resume_path) {
@@ -401,14 +406,12 @@ int run(Config c) {
             << "\n";
   std::cout.flush();
 
-  if (c.synthetic && warmup == 0) *timing = std::chrono::steady_clock::now();
+  if (c.synthetic && warmup == 0) timing->start = std::chrono::steady_clock::now();
   trainer.run();
-  if (c.synthetic) sync();
-  const auto end = std::chrono::steady_clock::now();
   updater.finalize();
 
   if (c.synthetic) {
-    const double seconds = std::chrono::duration<double>(end - *timing).count();
+    const double seconds = std::chrono::duration<double>(timing->end - timing->start).count();
     const double images = static_cast<double>((updater.iteration() - warmup) * c.batch_size * n);
     std::cout << kProgram << ": " << std::fixed << std::setprecision(1) << images / seconds
               << " images/s (" << c.arch << ", " << c.precision << ", " << n << " device(s), "
