@@ -12,6 +12,26 @@ Batch to_device(const Batch& batch, const torch::Device& device) {
                batch.target.to(device, /*non_blocking=*/true));
 }
 
+const char* to_string(Strategy strategy) {
+  switch (strategy) {
+    case Strategy::kMasterStep:
+      return "master";
+    case Strategy::kReplicated:
+      return "replicated";
+    case Strategy::kSharded:
+      return "sharded";
+  }
+  return "unknown";
+}
+
+Strategy parse_strategy(const std::string& name) {
+  for (Strategy s : {Strategy::kMasterStep, Strategy::kReplicated, Strategy::kSharded}) {
+    if (name == to_string(s)) return s;
+  }
+  MPU_THROW(InvalidArgument, "unknown strategy '", name,
+            "'; valid strategies: master, replicated, sharded");
+}
+
 namespace detail {
 
 torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options,

@@ -89,10 +89,24 @@ using Converter = std::function<Batch(const Batch&, const torch::Device&)>;
 /// The default converter: `{data.to(device, true), target.to(device, true)}`.
 Batch to_device(const Batch& batch, const torch::Device& device);
 
-/// How the data-parallel updaters synchronise one step. Only MasterStep exists now.
+/// How the data-parallel updaters synchronise one step.
 enum class Strategy {
-  kMasterStep,  ///< the seed's: reduce gradients to rank 0, step there, broadcast parameters
+  /// The seed's (default): gradients are reduced to rank 0 in buckets while backward runs, rank 0
+  /// alone steps the optimizer, and the parameters are broadcast back.
+  kMasterStep,
+  /// Gradients are allreduced in buckets while backward runs, and every rank steps its own copy
+  /// of the optimizer (as PyTorch's DistributedDataParallel does).
+  kReplicated,
+  /// ZeRO stage 1: gradients are reduce-scattered, each rank steps its shard of the flat
+  /// parameters with its shard of the optimizer state, and the parameters are allgathered.
+  /// Optimizer state per rank is about 1/n. Needs an optimizer the flat step supports.
+  kSharded,
 };
+
+/// "master", "replicated" or "sharded".
+const char* to_string(Strategy strategy);
+/// The inverse of `to_string`; throws `mpu::InvalidArgument` naming the valid names.
+Strategy parse_strategy(const std::string& name);
 
 /// Options shared by every updater.
 struct UpdaterOptions {
@@ -104,8 +118,28 @@ struct UpdaterOptions {
   /// example to step a learning-rate scheduler per epoch. Runs in the main process only.
   std::function<void(Updater&)> on_new_epoch;
   /// Dtype in which gradients travel: torch::kFloat (default), torch::kBFloat16 or torch::kHalf.
+  /// fp16 gradients are multiplied by 1/n before the cast and by n after the sum, so that a sum
+  /// over n ranks cannot overflow where one rank's gradient does not.
   torch::Dtype wire_dtype = torch::kFloat;
   Strategy strategy = Strategy::kMasterStep;
+  /// Gradients are communicated in buckets of about this many bytes (of the wire dtype), each
+  /// as soon as backward has produced it. 0 means one bucket after backward (no overlap).
+  std::size_t bucket_bytes = kDefaultBucketBytes;
+  /// Step the optimizer over the flat parameter buffer (a few kernels per parameter group) when
+  /// the optimizer is SGD, Adam, AdamW, Adagrad or RMSprop; other optimizers, and `false`,
+  /// use the optimizer's own per-parameter `step()`. Kept state_dict compatible either way.
+  bool flat_step = true;
+  /// Gradient accumulation: every `update()` runs this many micro-batches (forward and
+  /// backward, each taking the next batch of the iterator) and then communicates and steps
+  /// once. The micro-batch gradients are summed; the rescaling counts n * accumulation_steps
+  /// gradients (mean: the sum is divided by it).
+  int accumulation_steps = 1;
+  /// Skip the optimizer step, on every rank, when any reduced gradient is NaN or Inf; the skip
+  /// is reported as "main/skipped_steps" and logged. One pass over the flat gradient buffer.
+  bool skip_nonfinite = false;
+  /// Every this many iterations, compare a checksum of the flat parameters across ranks and
+  /// throw `mpu::CommError` naming the first rank that differs from rank 0. 0 turns it off.
+  std::int64_t drift_check_interval = 0;
   /// Deadline of every collective, and of process start-up.
   std::chrono::milliseconds timeout = kDefaultCommTimeout;
 };
