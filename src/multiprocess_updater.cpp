@@ -23,11 +23,11 @@
 #include <thread>
 
 #include "log.h"
-#include "master_step.h"
 #include "mpu/communicator.h"
 #include "mpu/error.h"
 #include "mpu/launch.h"
 #include "mpu/updater.h"
+#include "sync_engine.h"
 #include "updater_common.h"
 
 namespace mpu {
@@ -264,7 +264,10 @@ MultiprocessParallelUpdater::MultiprocessParallelUpdater(
   MPU_CHECK(model_ != nullptr, "MultiprocessParallelUpdater: model is null");
   detail::check_has_parameters(*model_, "MultiprocessParallelUpdater");
   validate(*model_, iterators_, loss_fn_, devices_);
-  scaling_changes_ = apply_scaling(optimizer_, static_cast<int>(devices_.size()), options_.scaling);
+  detail::check_options(options_, "MultiprocessParallelUpdater");
+  scaling_changes_ = apply_scaling(
+      optimizer_, detail::gradients_per_step(static_cast<int>(devices_.size()), options_),
+      options_.scaling);
 }
 
 MultiprocessParallelUpdater::MultiprocessParallelUpdater(
@@ -342,8 +345,7 @@ void MultiprocessParallelUpdater::start() {
     } else {
       comm_ = make_gloo_communicator(workers_->store->store, 0, n, options_.timeout);
     }
-    step_ = std::make_unique<detail::MasterStep>(*model_, *comm_, options_.scaling.reduction,
-                                                 options_.wire_dtype);
+    step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
     step_->broadcast_parameters();
     step_->broadcast_buffers();
   } catch (const std::exception& e) {
@@ -367,6 +369,9 @@ void MultiprocessParallelUpdater::start() {
     const torch::Device device = devices_[k];
     const int n = static_cast<int>(devices_.size());
     model_->to(device);
+    // Every rank steps under Replicated and Sharded: the worker's copy of the optimizer (forked
+    // with its rescaled options) follows the model to its device.
+    detail::move_optimizer_state(optimizer_, device);
     std::shared_ptr<Communicator> comm;
     if (device.is_cuda()) {
       NcclUniqueId id;
@@ -377,25 +382,41 @@ void MultiprocessParallelUpdater::start() {
           connect_store("127.0.0.1", std::stoi(rendezvous), options_.timeout), k, n,
           options_.timeout);
     }
-    detail::MasterStep step(*model_, *comm, options_.scaling.reduction, options_.wire_dtype);
-    step.broadcast_parameters();
-    step.broadcast_buffers();
+    auto step = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm, options_);
+    step->broadcast_parameters();
+    step->broadcast_buffers();
     Iterator& iterator = *iterators_[k];
+    std::int64_t iteration = iteration_;
     for (;;) {
       if (!detail::read_all(fd, &tag, 1)) break;  // the master is gone
       if (tag == 'F') break;
       if (tag == 'U') {
         sink.clear();
-        detail::forward_backward(iterator, options_, loss_fn_, device, [&] { step.zero_grad(); });
-        step.reduce_gradients();
-        step.broadcast_parameters();
+        detail::data_parallel_step(iterator, options_, loss_fn_, device, *step, ++iteration);
       } else if (tag == 'P') {
         detail::send_blob(fd, 'P', detail::serialize([&](auto& a) { iterator.save(a); }));
+      } else if (tag == 'G') {
+        step->gather_state_for_save();
+        step->release_saved_state();
       } else if (tag == 'S') {
         const std::string blob = detail::read_blob(fd);
         detail::deserialize(blob, [&](auto& a) { iterator.load(a); });
-        step.broadcast_parameters();
-        step.broadcast_buffers();
+        // Then the optimizer state (empty under MasterStep) and the iteration, each tagged 'S'.
+        MPU_CHECK(detail::read_all(fd, &tag, 1) && tag == 'S', "worker ", k,
+                  ": expected the optimizer state after the iterator state");
+        const std::string state = detail::read_blob(fd);
+        MPU_CHECK(detail::read_all(fd, &tag, 1) && tag == 'S', "worker ", k,
+                  ": expected the iteration after the optimizer state");
+        iteration = std::stoll(detail::read_blob(fd));
+        if (options_.strategy != Strategy::kMasterStep) {
+          // This rank steps: it needs the loaded optimizer state too.
+          step.reset();
+          detail::deserialize(state, [&](auto& a) { optimizer_.load(a); });
+          detail::move_optimizer_state(optimizer_, device);
+          step = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm, options_);
+        }
+        step->broadcast_parameters();
+        step->broadcast_buffers();
       } else {
         MPU_THROW(Error, "worker ", k, ": unknown message '", tag, "'");
       }
@@ -448,11 +469,8 @@ void MultiprocessParallelUpdater::update() {
       const char u = 'U';
       detail::write_all(w.fd, &u, 1);
     }
-    detail::forward_backward(*iterators_[0], options_, loss_fn_, devices_[0],
-                             [this] { step_->zero_grad(); });
-    step_->reduce_gradients();
-    optimizer_.step();
-    step_->broadcast_parameters();
+    detail::data_parallel_step(*iterators_[0], options_, loss_fn_, devices_[0], *step_,
+                               iteration_ + 1);
   } catch (const std::exception& e) {
     fail(e);
   }
@@ -470,8 +488,21 @@ bool MultiprocessParallelUpdater::is_new_epoch() const {
   return iterators_[0]->is_new_epoch();
 }
 
+std::int64_t MultiprocessParallelUpdater::optimizer_state_bytes() const {
+  return step_ ? step_->optimizer_state_bytes() : 0;
+}
+
 void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive) const {
+  if (step_ && step_->collective_save()) {
+    // Sharded: every rank holds a shard of the optimizer state; gather it for the save.
+    for (auto& w : workers_->workers) {
+      const char g = 'G';
+      detail::write_all(w.fd, &g, 1);
+    }
+    step_->gather_state_for_save();
+  }
   detail::save_state(archive, *model_, optimizer_, *iterators_[0], iteration_);
+  if (step_) step_->release_saved_state();
   // The workers' iterators advance in the workers; ask them for their state.
   for (std::size_t k = 1; k < iterators_.size(); ++k) {
     std::string blob;
@@ -509,11 +540,17 @@ void MultiprocessParallelUpdater::load(torch::serialize::InputArchive& archive) 
   }
   if (!workers_) return;  // the workers fork from the loaded state
   try {
+    const std::string state = options_.strategy == Strategy::kMasterStep
+                                  ? std::string()
+                                  : detail::serialize([&](auto& a) { optimizer_.save(a); });
     for (std::size_t k = 1; k < iterators_.size(); ++k) {
-      detail::send_blob(workers_->workers[k - 1].fd, 'S', blobs[k]);
+      const int fd = workers_->workers[k - 1].fd;
+      detail::send_blob(fd, 'S', blobs[k]);
+      detail::send_blob(fd, 'S', state);
+      detail::send_blob(fd, 'S', std::to_string(iteration_));
     }
-    step_ = std::make_unique<detail::MasterStep>(*model_, *comm_, options_.scaling.reduction,
-                                                 options_.wire_dtype);
+    step_.reset();
+    step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
     step_->broadcast_parameters();
     step_->broadcast_buffers();
   } catch (const std::exception& e) {

@@ -17,6 +17,13 @@ Snapshot::Snapshot(std::string filename_pattern, int keep_last)
 
 void Snapshot::operator()(Trainer& trainer) {
   const Updater& updater = trainer.updater();
+  if (!updater.is_main()) {
+    if (updater.collective_save()) {
+      torch::serialize::OutputArchive discarded;
+      trainer.save(discarded);
+    }
+    return;
+  }
   const auto path = std::filesystem::path(trainer.out_dir()) /
                     format_snapshot_name(pattern_, updater.iteration(), updater.epoch());
   trainer.save_snapshot(path.string());

@@ -1,8 +1,8 @@
 #include "mpu/updater.h"
 
-#include "master_step.h"
 #include "mpu/communicator.h"
 #include "mpu/error.h"
+#include "sync_engine.h"
 #include "updater_common.h"
 
 namespace mpu {
@@ -51,6 +51,19 @@ torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options
   zero_grad();
   loss.backward();
   return loss;
+}
+
+void data_parallel_step(Iterator& iterator, const UpdaterOptions& options,
+                        const LossFunction& loss_fn, const torch::Device& device,
+                        SyncEngine& engine, std::int64_t iteration) {
+  const int k = options.accumulation_steps;
+  for (int m = 0; m < k; ++m) {
+    engine.arm(m == k - 1);
+    forward_backward(iterator, options, loss_fn, device, [&] {
+      if (m == 0) engine.zero_grad();
+    });
+  }
+  engine.finish(iteration);
 }
 
 void save_state(torch::serialize::OutputArchive& archive, const torch::nn::Module& model,
@@ -108,14 +121,25 @@ StandardUpdater::StandardUpdater(std::shared_ptr<torch::nn::Module> model,
   MPU_CHECK(iterator_ != nullptr, "StandardUpdater: iterator is null");
   MPU_CHECK(static_cast<bool>(loss_fn_), "StandardUpdater: loss_fn is empty");
   detail::check_has_parameters(*model_, "StandardUpdater");
+  detail::check_options(options_, "StandardUpdater");
   model_->to(device_);
   detail::move_optimizer_state(optimizer_, device_);
-  apply_scaling(optimizer_, 1, options_.scaling);
+  apply_scaling(optimizer_, detail::gradients_per_step(1, options_), options_.scaling);
 }
 
 void StandardUpdater::update() {
-  detail::forward_backward(*iterator_, options_, loss_fn_, device_,
-                           [this] { detail::zero_grads(*model_); });
+  const int k = options_.accumulation_steps;
+  for (int m = 0; m < k; ++m) {
+    detail::forward_backward(*iterator_, options_, loss_fn_, device_, [&] {
+      if (m == 0) detail::zero_grads(*model_);
+    });
+  }
+  if (k > 1 && options_.scaling.reduction == Reduction::kMean) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model_->parameters()) {
+      if (p.grad().defined()) p.mutable_grad().div_(k);
+    }
+  }
   optimizer_.step();
   ++iteration_;
   if (iterator_->is_new_epoch() && options_.on_new_epoch) options_.on_new_epoch(*this);
@@ -159,11 +183,12 @@ DistributedUpdater::DistributedUpdater(std::shared_ptr<torch::nn::Module> model,
             "mpu::init() or take the one mpu::spawn() gives each rank");
   MPU_CHECK(static_cast<bool>(loss_fn_), "DistributedUpdater: loss_fn is empty");
   detail::check_has_parameters(*model_, "DistributedUpdater");
+  detail::check_options(options_, "DistributedUpdater");
   model_->to(comm_->device());
   detail::move_optimizer_state(optimizer_, comm_->device());
-  scaling_changes_ = apply_scaling(optimizer_, comm_->size(), options_.scaling);
-  step_ = std::make_unique<detail::MasterStep>(*model_, *comm_, options_.scaling.reduction,
-                                               options_.wire_dtype);
+  scaling_changes_ = apply_scaling(optimizer_, detail::gradients_per_step(comm_->size(), options_),
+                                   options_.scaling);
+  step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
   step_->check_same_layout();
   step_->broadcast_parameters();
   step_->broadcast_buffers();
@@ -172,11 +197,8 @@ DistributedUpdater::DistributedUpdater(std::shared_ptr<torch::nn::Module> model,
 DistributedUpdater::~DistributedUpdater() = default;
 
 void DistributedUpdater::update() {
-  detail::forward_backward(*iterator_, options_, loss_fn_, comm_->device(),
-                           [this] { step_->zero_grad(); });
-  step_->reduce_gradients();
-  if (comm_->rank() == 0) optimizer_.step();
-  step_->broadcast_parameters();
+  detail::data_parallel_step(*iterator_, options_, loss_fn_, comm_->device(), *step_,
+                             iteration_ + 1);
   ++iteration_;
   if (iterator_->is_new_epoch() && options_.on_new_epoch && is_main()) options_.on_new_epoch(*this);
 }
@@ -203,15 +225,28 @@ torch::Device DistributedUpdater::device() const {
   return comm_->device();
 }
 
+std::int64_t DistributedUpdater::optimizer_state_bytes() const {
+  return step_->optimizer_state_bytes();
+}
+std::int64_t DistributedUpdater::skipped_steps() const {
+  return step_->skipped_steps();
+}
+bool DistributedUpdater::collective_save() const {
+  return step_->collective_save();
+}
+
 void DistributedUpdater::save(torch::serialize::OutputArchive& archive) const {
+  step_->gather_state_for_save();
   detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);
+  step_->release_saved_state();
 }
 
 void DistributedUpdater::load(torch::serialize::InputArchive& archive) {
   iteration_ = detail::load_state(archive, *model_, optimizer_, *iterator_, comm_->device());
-  // Loading replaced the parameters' storage; rebuild the flat views, then agree with rank 0.
-  step_ = std::make_unique<detail::MasterStep>(*model_, *comm_, options_.scaling.reduction,
-                                               options_.wire_dtype);
+  // Loading replaced the parameters' storage and the optimizer's state; rebuild the flat
+  // views and the flat optimizer state, then agree with rank 0.
+  step_.reset();
+  step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
   step_->broadcast_parameters();
   step_->broadcast_buffers();
 }

@@ -32,6 +32,14 @@ torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options
                                const LossFunction& loss_fn, const torch::Device& device,
                                const std::function<void()>& zero_grad);
 
+class SyncEngine;
+
+/// One data-parallel step on this rank: `options.accumulation_steps` micro-batches (forward and
+/// backward; gradients zeroed before the first), then `engine.finish(iteration)`.
+void data_parallel_step(Iterator& iterator, const UpdaterOptions& options,
+                        const LossFunction& loss_fn, const torch::Device& device,
+                        SyncEngine& engine, std::int64_t iteration);
+
 void save_state(torch::serialize::OutputArchive& archive, const torch::nn::Module& model,
                 const torch::optim::Optimizer& optimizer, const Iterator& iterator,
                 std::int64_t iteration);

@@ -145,6 +145,9 @@ class Snapshot : public Extension {
   std::string name() const override { return "snapshot"; }
   Trigger default_trigger() const override { return every_epochs(1); }
   int priority() const override { return kPrioritySnapshot; }
+  /// Runs on every rank: ranks other than the main one take part in a collective save
+  /// (`Updater::collective_save()`), and otherwise do nothing.
+  bool all_ranks() const override { return true; }
   void operator()(Trainer& trainer) override;
 
   /// The path of the last snapshot written ("" before the first).

@@ -64,6 +64,11 @@ class Updater {
 
   virtual void finalize() {}
 
+  /// True when `save()` is collective: every rank must call it (Strategy::kSharded under a
+  /// DistributedUpdater, whose optimizer state is spread over the ranks). Snapshot calls it on
+  /// every rank then, and writes the file on the main one only.
+  virtual bool collective_save() const { return false; }
+
   /// Sums `tensor` in place over every rank that runs the Trainer, for extensions that aggregate
   /// across ranks (the Evaluator). Collective: every such rank calls it in the same order with a
   /// tensor of the same shape and dtype, on `device()`. Returns false, leaving `tensor` as it is,
@@ -178,7 +183,7 @@ class StandardUpdater : public Updater {
 };
 
 namespace detail {
-class MasterStep;
+class SyncEngine;
 struct WorkerSet;
 }  // namespace detail
 
@@ -235,6 +240,8 @@ class MultiprocessParallelUpdater : public Updater {
   const std::vector<torch::Device>& devices() const { return devices_; }
   /// The changes the rescaling made at construction.
   const std::vector<ScalingChange>& scaling_changes() const { return scaling_changes_; }
+  /// Bytes of optimizer state the master holds (0 before the first update).
+  std::int64_t optimizer_state_bytes() const;
   /// Process ids of the workers; empty before the first update and after `finalize()`.
   std::vector<int> worker_pids() const;
 
@@ -259,7 +266,7 @@ class MultiprocessParallelUpdater : public Updater {
   std::vector<ScalingChange> scaling_changes_;
   std::int64_t iteration_ = 0;
   std::shared_ptr<Communicator> comm_;
-  std::unique_ptr<detail::MasterStep> step_;
+  std::unique_ptr<detail::SyncEngine> step_;
   std::unique_ptr<detail::WorkerSet> workers_;
   bool finalized_ = false;
 };
@@ -292,7 +299,13 @@ class DistributedUpdater : public Updater {
   torch::nn::Module& model() override { return *model_; }
   torch::optim::Optimizer& optimizer() { return optimizer_; }
   const std::vector<ScalingChange>& scaling_changes() const { return scaling_changes_; }
+  /// Bytes of optimizer state this rank holds: about 1/n of the whole under Strategy::kSharded.
+  std::int64_t optimizer_state_bytes() const;
+  /// Steps skipped so far because a gradient was NaN or Inf (`skip_nonfinite`).
+  std::int64_t skipped_steps() const;
+  bool collective_save() const override;
 
+  /// Under Strategy::kSharded every rank must call it (it gathers the optimizer state).
   void save(torch::serialize::OutputArchive& archive) const override;
   /// Every rank must call it (it broadcasts rank 0's loaded parameters).
   void load(torch::serialize::InputArchive& archive) override;
@@ -306,7 +319,7 @@ class DistributedUpdater : public Updater {
   UpdaterOptions options_;
   std::vector<ScalingChange> scaling_changes_;
   std::int64_t iteration_ = 0;
-  std::unique_ptr<detail::MasterStep> step_;
+  std::unique_ptr<detail::SyncEngine> step_;
 };
 
 }  // namespace mpu

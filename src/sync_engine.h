@@ -1,0 +1,134 @@
+// The per-iteration synchronisation of the data-parallel updaters, for every strategy
+// (MasterStep, Replicated, Sharded), shared by MultiprocessParallelUpdater (master and workers)
+// and DistributedUpdater.
+//
+// Every rank calls the same methods in the same order. Streams: the communicator orders its
+// collectives after torch's current stream and makes torch's current stream wait for them, so
+// callers need no host synchronisation. Bucketed collectives are issued from the autograd
+// engine's thread (a post hook on each parameter's gradient accumulator) while backward runs;
+// the caller's thread is blocked in backward() meanwhile, so one thread at a time uses the
+// communicator.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mpu/communicator.h"
+#include "mpu/flat_buffer.h"
+#include "mpu/updater.h"
+
+namespace mpu {
+class FlatOptimizer;
+}
+
+namespace mpu::detail {
+
+/// Moves every tensor of the optimizer's per-parameter state to `device`. Needed because
+/// Adagrad creates its state in its constructor, before the model reaches its device.
+void move_optimizer_state(torch::optim::Optimizer& optimizer, const torch::Device& device);
+
+/// Throws `InvalidArgument` naming the option and its value when `options` are out of range.
+void check_options(const UpdaterOptions& options, const char* who);
+
+/// The number of gradients the optimizer's rescaling counts: ranks x accumulation steps.
+int gradients_per_step(int world_size, const UpdaterOptions& options);
+
+/// One rank's share of a data-parallel step.
+class SyncEngine {
+ public:
+  /// `model` must already be on `comm.device()`, and `optimizer` hold its parameters (on the
+  /// ranks that step: rank 0 for MasterStep, every rank otherwise). When every parameter has
+  /// one dtype (fp32, bf16 or fp16), parameters and gradients become views into flat buffers
+  /// (zero-copy), and gradients are communicated in buckets as backward produces them.
+  SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimizer, Communicator& comm,
+             const UpdaterOptions& options);
+  ~SyncEngine();
+  SyncEngine(const SyncEngine&) = delete;
+  SyncEngine& operator=(const SyncEngine&) = delete;
+
+  /// Zeros every gradient (one fill in zero-copy mode).
+  void zero_grad();
+  /// Before each micro-batch's backward: buckets are communicated during the backward of the
+  /// last micro-batch only.
+  void arm(bool last_micro_batch);
+  /// After the last backward, on every rank: completes the gradient reduction, steps (rank 0
+  /// for MasterStep, every rank otherwise; each rank its shard for Sharded) and leaves every
+  /// rank with identical parameters. Returns false when the step was skipped because a
+  /// gradient was not finite (`skip_nonfinite`). `iteration` (1-based) drives the drift check.
+  bool finish(std::int64_t iteration);
+
+  /// On every rank: the other ranks receive rank 0's parameters.
+  void broadcast_parameters();
+  /// On every rank: buffers (BatchNorm statistics, counters) are copied from rank 0. Integer
+  /// buffers travel as fp32, exact up to 2^24.
+  void broadcast_buffers();
+  /// On every rank: throws `mpu::InvalidArgument` on every rank when parameter names, shapes
+  /// or dtypes differ between ranks; the differing rank's message names the first difference.
+  void check_same_layout();
+
+  /// True when saving needs every rank (Sharded: the optimizer state is spread over ranks).
+  bool collective_save() const;
+  /// Collective when `collective_save()`: writes the whole optimizer state into the optimizer
+  /// so that `optimizer.save()` is complete on every rank. A no-op otherwise.
+  void gather_state_for_save();
+  /// After the save: drops the gathered state again (Sharded). A no-op otherwise.
+  void release_saved_state();
+
+  /// Bytes of optimizer state this rank holds.
+  std::int64_t optimizer_state_bytes() const;
+  /// Steps skipped because of non-finite gradients so far.
+  std::int64_t skipped_steps() const { return skipped_; }
+  /// Whether the optimizer steps through the flat step on this rank.
+  bool flat_step() const { return flat_opt_ != nullptr; }
+  /// Number of gradient buckets communicated during backward (0: one collective after it).
+  std::size_t bucket_count() const { return buckets_.size(); }
+  const FlatBuffer& flat() const { return flat_; }
+
+ private:
+  struct HookTarget;
+  struct Bucket {
+    std::int64_t offset = 0;
+    std::int64_t numel = 0;
+    int expected = 0;  // parameters that require a gradient
+    int ready = 0;
+  };
+
+  void install_hooks(const std::vector<std::pair<std::string, torch::Tensor>>& named);
+  void on_gradient_ready(std::size_t entry);
+  void launch(std::size_t bucket);
+  void reduce_whole();
+  void reduce_scatter_whole();
+  bool receives_gradients() const;
+  bool gradients_finite();
+  void check_drift(std::int64_t iteration);
+
+  torch::nn::Module& model_;
+  torch::optim::Optimizer& optimizer_;
+  Communicator& comm_;
+  Strategy strategy_;
+  ReduceOp op_ = ReduceOp::kSum;
+  double prescale_ = 1.0;   // applied to local gradients before the collective
+  double postscale_ = 1.0;  // applied to the reduced gradients after it
+  bool skip_nonfinite_;
+  std::int64_t drift_interval_;
+  bool steps_here_;
+  FlatBuffer flat_;
+  torch::Tensor wire_;        // gradients on the wire, when they are not the flat buffer itself
+  torch::Tensor param_wire_;  // parameters on the wire, when they are not the flat buffer itself
+  std::int64_t shard_offset_ = 0;
+  std::int64_t shard_numel_ = 0;
+  std::unique_ptr<FlatOptimizer> flat_opt_;
+
+  std::vector<Bucket> buckets_;
+  std::vector<int> bucket_of_entry_;  // -1: no gradient expected
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
+  std::shared_ptr<HookTarget> hook_target_;
+  bool armed_ = false;
+  std::size_t next_bucket_ = 0;
+  std::int64_t skipped_ = 0;
+};
+
+}  // namespace mpu::detail
