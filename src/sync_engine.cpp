@@ -329,16 +329,22 @@ void SyncEngine::reduce_scatter_whole() {
 
 bool SyncEngine::gradients_finite() {
   torch::NoGradGuard no_grad;
-  torch::Tensor bad;
-  if (flat_.zero_copy()) {
-    auto g = flat_.flat_grad();
-    if (strategy_ == Strategy::kSharded) g = g.narrow(0, shard_offset_, shard_numel_);
+  torch::Tensor bad = torch::zeros({1}, torch::TensorOptions().device(comm_.device()));
+  if (strategy_ == Strategy::kSharded) {
+    auto g = flat_.flat_grad().narrow(0, shard_offset_, shard_numel_);
     bad = torch::isfinite(g).logical_not().any().to(torch::kFloat).reshape({1});
-  } else {
-    bad = torch::isfinite(wire_).logical_not().any().to(torch::kFloat).reshape({1});
+  } else if (receives_gradients()) {
+    const auto& g = flat_.zero_copy() ? flat_.flat_grad() : wire_;
+    bad = torch::isfinite(g).logical_not().any().to(torch::kFloat).reshape({1});
   }
-  // Sharded ranks each see a shard: agree on the verdict. Others see the same reduced values.
-  if (strategy_ == Strategy::kSharded) comm_.allreduce(bad, ReduceOp::kSum);
+  // Sharded ranks each see a shard: agree on the verdict. Under MasterStep only rank 0 has the
+  // reduced gradients: it tells the others, so that every rank counts the skip. Replicated
+  // ranks all hold the same reduced values and decide alike.
+  if (strategy_ == Strategy::kSharded) {
+    comm_.allreduce(bad, ReduceOp::kSum);
+  } else if (strategy_ == Strategy::kMasterStep) {
+    comm_.broadcast(bad, 0);
+  }
   return bad.item<float>() == 0.0f;
 }
 
@@ -368,13 +374,14 @@ bool SyncEngine::finish(std::int64_t iteration) {
   armed_ = false;
 
   bool ok = true;
-  if (skip_nonfinite_ && (receives_gradients() || strategy_ == Strategy::kSharded)) {
+  if (skip_nonfinite_) {
     ok = gradients_finite();
     if (!ok) {
       ++skipped_;
-      MPU_LOG_WARN("iteration ", iteration,
-                   ": a gradient is NaN or Inf; the optimizer step is skipped (", skipped_,
-                   " skipped so far)");
+      if (comm_.rank() == 0)
+        MPU_LOG_WARN("iteration ", iteration,
+                     ": a gradient is NaN or Inf; the optimizer step is skipped (", skipped_,
+                     " skipped so far)");
     }
   }
   if (skip_nonfinite_ && comm_.rank() == 0) {
