@@ -100,7 +100,7 @@ def met(ok):
 
 def throughput_table(r):
     lines = ["| precision | implementation | GPUs | images/s | scaling efficiency | × DDP "
-             "| peak memory per rank (GiB) | optimizer state per rank (MiB) |",
+             "| peak memory, fullest rank (GiB) | optimizer state, fullest rank (MiB) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for p in r.precisions:
         for s in r.strategies:
@@ -185,7 +185,7 @@ def plot(r, png):
                 lines.append(f"'{dat}' using 1:2 with {style} title '{LABEL[s]}'")
             one = r.ips("ddp", p, 1)
             if one:
-                lines.append(f"{one} * x with lines lc rgb 'gray' dt 3 title 'DDP at 1 GPU x n'")
+                lines.append(f"{one} * x with lines lc rgb 'dark-gray' lw 1.5 dt 3 title 'DDP at 1 GPU x n (linear scaling)'")
             panels.append(f"set title 'ResNet-50 training, {p}, batch {batch(r)} per GPU'\n"
                           f"plot {', '.join(lines)}\n")
         width = 560 * max(1, len(panels))
