@@ -5,6 +5,7 @@ data and timing as the C++ benchmark, writing JSON in the same schema.
 
 usage: bench/ddp_reference.py [--gpus 1,2,4] [--precision fp32,bf16] [--batch-size 64]
                               [--warmup 10] [--iters 30] [--json FILE]
+                              [--device cpu --arch resnet18 --image-size 32]   (a CPU smoke run)
 
 Every row (process count x precision) runs in fresh processes started with
 torch.multiprocessing.spawn (MASTER_ADDR/MASTER_PORT set here; no torchrun), one per GPU. Each
@@ -19,6 +20,9 @@ torch.cuda.synchronize. The row's time is the slowest rank's, and
 images/s = ranks * batch * iters / time. Also per rank: torch.cuda.max_memory_allocated and
 max_memory_reserved over the whole process, and the bytes of the optimizer's state tensors.
 A row that fails is recorded with its error and the next one runs.
+
+--device cpu runs the same on CPU processes over Gloo (no memory figures), to check the script
+where there is no GPU; the benchmark itself is the GPU run.
 """
 import argparse
 import datetime
@@ -61,17 +65,23 @@ def run_rank(rank, world, args, precision, port, result_path):
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    else:
+        torch.set_num_threads(args.threads)
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.backends.cudnn.benchmark = True
         torch.manual_seed(args.seed + rank)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
 
-        model = torchvision.models.resnet50(num_classes=args.classes).to(device=device, dtype=dtype)
+        model = getattr(torchvision.models, args.arch)(num_classes=args.classes).to(device=device, dtype=dtype)
         parameters = sum(p.numel() for p in model.parameters())
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
         images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(dtype)
@@ -84,20 +94,24 @@ def run_rank(rank, world, args, precision, port, result_path):
             optimizer.step()
             return loss
 
+        def synchronize():
+            if cuda:
+                torch.cuda.synchronize(device)
+
         for _ in range(args.warmup):
             step()
-        torch.cuda.synchronize(device)
+        synchronize()
         dist.barrier()
         start = time.perf_counter()
         for _ in range(args.iters):
             loss = step()
-        torch.cuda.synchronize(device)
+        synchronize()
         seconds = time.perf_counter() - start
 
         mine = {
             "seconds": seconds,
-            "peak_allocated": torch.cuda.max_memory_allocated(device),
-            "peak_reserved": torch.cuda.max_memory_reserved(device),
+            "peak_allocated": torch.cuda.max_memory_allocated(device) if cuda else -1,
+            "peak_reserved": torch.cuda.max_memory_reserved(device) if cuda else -1,
             "optimizer_state": optimizer_state_bytes(optimizer),
         }
         everyone = [None] * world
@@ -116,16 +130,18 @@ def run_rank(rank, world, args, precision, port, result_path):
                 "optimizer_state_bytes": [r["optimizer_state"] for r in everyone],
                 "final_loss": final_loss if math.isfinite(final_loss) else None,
                 "parameters": parameters,
-                "device_name": torch.cuda.get_device_name(device),
-                "backend": "nccl",
+                "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "backend": "nccl" if cuda else "gloo",
                 "wire_dtype": precision,
             }
             with open(result_path, "w") as f:
                 json.dump(row, f)
+            peak = max(row["peak_allocated_bytes"])
             print(f"ddp_reference: {world} x {row['device_name']}, {precision}, ddp: "
-                  f"{row['images_per_s']:.1f} images/s, loss {final_loss:.3f}, peak "
-                  f"{max(row['peak_allocated_bytes']) / 1e9:.2f} GB allocated, optimizer state "
-                  f"{max(row['optimizer_state_bytes']) / 1e6:.1f} MB on the fullest rank", flush=True)
+                  f"{row['images_per_s']:.1f} images/s, loss {final_loss:.3f}"
+                  + (f", peak {peak / 1e9:.2f} GB allocated" if peak >= 0 else "")
+                  + f", optimizer state {max(row['optimizer_state_bytes']) / 1e6:.1f} MB on the fullest rank",
+                  flush=True)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -135,12 +151,15 @@ def document(args, rows):
     import torch
     import torchvision
 
-    nccl = ".".join(str(v) for v in torch.cuda.nccl.version()) if torch.cuda.is_available() else None
+    nccl = None
+    if args.device == "cuda":
+        version = torch.cuda.nccl.version()
+        nccl = ".".join(str(v) for v in version) if isinstance(version, tuple) else str(version)
     return {
         "benchmark": "resnet_training_throughput",
         "implementation": "ddp",
-        "arch": "resnet50",
-        "device": "cuda",
+        "arch": args.arch,
+        "device": args.device,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "cuda_version": torch.version.cuda,
@@ -182,6 +201,10 @@ def main():
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: Gloo processes, to check the script without GPUs")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of each CPU process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     args = p.parse_args()
@@ -194,7 +217,7 @@ def main():
     import torch
     import torch.multiprocessing as mp
 
-    gpus = torch.cuda.device_count()
+    gpus = torch.cuda.device_count() if args.device == "cuda" else None
     rows = []
     failures = 0
     for world in args.gpus:
@@ -203,7 +226,7 @@ def main():
             with tempfile.TemporaryDirectory() as tmp:
                 result_path = os.path.join(tmp, "row.json")
                 try:
-                    if world > gpus:
+                    if gpus is not None and world > gpus:
                         raise RuntimeError(f"{world} GPUs asked for, {gpus} visible")
                     mp.spawn(run_rank, args=(world, args, precision, free_port(), result_path),
                              nprocs=world, join=True)
@@ -214,7 +237,7 @@ def main():
                     message = str(e) or traceback.format_exc()
                     row.update({"ok": False, "error": message})
                     first = message.strip().splitlines()[-1] if message.strip() else type(e).__name__
-                    print(f"ddp_reference: {world} GPU(s), {precision}, ddp: FAILED: {first}", flush=True)
+                    print(f"ddp_reference: {world} x {args.device}, {precision}, ddp: FAILED: {first}", flush=True)
             rows.append(row)
             if args.json:
                 write_atomically(args.json, document(args, rows))
