@@ -30,6 +30,8 @@ STRATEGIES = ["ddp", "master", "replicated", "sharded"]
 LABEL = {"ddp": "PyTorch DDP", "master": "torch-mpu master", "replicated": "torch-mpu replicated",
          "sharded": "torch-mpu sharded"}
 PRECISIONS = ["fp32", "bf16", "fp16"]
+# One colour per implementation in every panel.
+COLOUR = {"ddp": "#9400d3", "master": "#009e73", "replicated": "#56b4e9", "sharded": "#e69f00"}
 # The goals of issue 8.
 GOAL_VS_DDP = 1.05
 GOAL_REPLICATED_EFFICIENCY = 0.97
@@ -100,8 +102,8 @@ def met(ok):
 
 def throughput_table(r):
     lines = ["| precision | implementation | GPUs | images/s | scaling efficiency | × DDP "
-             "| peak memory, fullest rank (GiB) | optimizer state, fullest rank (MiB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| peak memory, fullest rank (GiB) | optimizer state, fullest rank (MiB) | final loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in r.precisions:
         for s in r.strategies:
             for n in r.gpus:
@@ -113,7 +115,8 @@ def throughput_table(r):
                 ratio = r.vs_ddp(s, p, n) if s != "ddp" else None
                 lines.append(
                     f"| {p} | {LABEL[s]} | {n} | {row['images_per_s']:.1f} | {fmt(eff and 100 * eff, '.1f', ' %')} "
-                    f"| {fmt(ratio, '.3f')} | {fmt(gib(peak), '.2f')} | {fmt(mib(max(row['optimizer_state_bytes'])), '.1f')} |")
+                    f"| {fmt(ratio, '.3f')} | {fmt(gib(peak), '.2f')} | {fmt(mib(max(row['optimizer_state_bytes'])), '.1f')} "
+                    f"| {fmt(row.get('final_loss'), '.4f')} |")
     return lines
 
 
@@ -175,18 +178,21 @@ def plot(r, png):
         for p in r.precisions:
             lines = []
             for s in r.strategies:
+                if not any(r.ips(s, p, n) is not None for n in r.gpus):
+                    continue
                 dat = os.path.join(tmp, f"{p}_{s}.dat")
                 with open(dat, "w") as f:
                     for n in r.gpus:
                         ips = r.ips(s, p, n)
                         if ips is not None:
                             f.write(f"{n} {ips}\n")
-                style = "linespoints lw 2 dt 2 pt 6" if s == "ddp" else "linespoints lw 2"
+                style = "linespoints lw 2 dt 2 pt 6" if s == "ddp" else "linespoints lw 2 pt 7"
+                style += f" lc rgb '{COLOUR[s]}'"
                 lines.append(f"'{dat}' using 1:2 with {style} title '{LABEL[s]}'")
             one = r.ips("ddp", p, 1)
             if one:
                 lines.append(f"{one} * x with lines lc rgb 'dark-gray' lw 1.5 dt 3 title 'DDP at 1 GPU x n (linear scaling)'")
-            panels.append(f"set title 'ResNet-50 training, {p}, batch {batch(r)} per GPU'\n"
+            panels.append(f"set title '{arch_label(r)} training, {p}, batch {batch(r)} per GPU'\n"
                           f"plot {', '.join(lines)}\n")
         width = 560 * max(1, len(panels))
         script = f"""
@@ -205,6 +211,16 @@ unset multiplot
 """
         subprocess.run(["gnuplot"], input=script.encode(), check=True)
     return True
+
+
+def arch_label(r):
+    arch = r.docs[0].get("arch", "resnet50") if r.docs else "resnet50"
+    return {"resnet50": "ResNet-50", "resnet18": "ResNet-18"}.get(arch, arch)
+
+
+def parameters(r):
+    counts = sorted({row["parameters"] for row in r.ok.values() if "parameters" in row})
+    return ", ".join(f"{c:,}" for c in counts) or "?"
 
 
 def batch(r):
@@ -232,14 +248,17 @@ def section(r, mpu, ddp, env, plotted):
     upd = (mpu or {}).get("updater", {})
     wires = sorted({row.get("wire_dtype") for (s, _, _), row in r.ok.items() if s != "ddp" and row.get("wire_dtype")})
     lines.append(
-        f"Synthetic ImageNet-shaped data ({doc.get('image_size', '?')}×{doc.get('image_size', '?')}, "
+        f"{arch_label(r)} ({parameters(r)} parameters, torchvision's architecture: `examples/resnet/models.cpp` "
+        f"for torch-mpu, `torchvision.models` for DDP). Synthetic ImageNet-shaped data ({doc.get('image_size', '?')}×{doc.get('image_size', '?')}, "
         f"{doc.get('classes', '?')} classes), one batch of {doc.get('batch_size', '?')} per GPU made once on the "
         f"device in the training dtype; SGD lr {opt.get('lr', '?')}, momentum {opt.get('momentum', '?')}, "
         f"weight decay {opt.get('weight_decay', '?')}; bf16 means bf16 parameters. {doc.get('warmup', '?')} "
         f"warm-up and {doc.get('iters', '?')} timed iterations, between device synchronisations; the slowest "
         f"rank's time; images/s = GPUs × batch × iterations / time. Peak memory is the CUDA caching "
         f"allocator's peak allocated bytes of the fullest rank over the whole process "
-        f"(`torch.cuda.max_memory_allocated` for DDP). torch-mpu: `mpu::DistributedUpdater`, buckets of "
+        f"(`torch.cuda.max_memory_allocated` for DDP). Both benchmarks draw the initial weights and the "
+        f"data from the same seeds, so the final losses (rank 0's last batch) should be close; they differ "
+        f"by rounding and by cuDNN's choice of algorithms. torch-mpu: `mpu::DistributedUpdater`, buckets of "
         f"{mib(upd.get('bucket_bytes')) if upd.get('bucket_bytes') is not None else '?'} MiB, gradients on the wire in "
         f"{', '.join(wires) or '?'}, flat optimizer step {'on' if upd.get('flat_step', True) else 'off'}; DDP: "
         f"default buckets (25 MiB), gradients in the parameter dtype, `torch.optim.SGD`'s default implementation.")

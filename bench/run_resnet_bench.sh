@@ -11,7 +11,8 @@
 # Environment: BUILD (build directory, default build-gpu; bench_resnet50 must be built there),
 # PRECISIONS (fp32,bf16), STRATEGIES (master,replicated,sharded), BATCH (64), WARMUP (10),
 # ITERS (30), WIRE_DTYPE (fp32; "param" sends gradients in the parameter dtype, as DDP does),
-# BENCH_ARGS (more bench_resnet50 options), SKIP_DDP=1 / SKIP_MPU=1 to run one side only.
+# BENCH_ARGS and DDP_ARGS (more options of bench_resnet50 and ddp_reference.py), SKIP_DDP=1 /
+# SKIP_MPU=1 to run one side only.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 out=${1:-bench-out/resnet50}
@@ -84,8 +85,9 @@ if [ "${SKIP_MPU:-0}" != 1 ]; then
     2>&1 | tee "$out/mpu.log" || status=1
 fi
 if [ "${SKIP_DDP:-0}" != 1 ]; then
+  read -ra ddp_extra <<< "${DDP_ARGS:-}"
   python3 bench/ddp_reference.py --gpus "$gpus" --precision "$precisions" --batch-size "$batch" \
-    --warmup "$warmup" --iters "$iters" --json "$out/ddp.json" 2>&1 | tee "$out/ddp.log" || status=1
+    --warmup "$warmup" --iters "$iters" "${ddp_extra[@]}" --json "$out/ddp.json" 2>&1 | tee "$out/ddp.log" || status=1
 fi
 python3 bench/resnet_report.py --from "$out" || status=1
 exit $status
