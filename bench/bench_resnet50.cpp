@@ -181,6 +181,14 @@ std::int64_t optimizer_state_bytes(torch::optim::Optimizer& optimizer) {
   return bytes;
 }
 
+// Makes `device` this process's current CUDA device, as torch.cuda.set_device does in the DDP
+// reference, so that nothing of this rank lands on GPU 0 by default.
+void use_device([[maybe_unused]] const torch::Device& device) {
+#if MPU_HAS_CUDA
+  if (device.is_cuda()) MPU_CUDA_CHECK(cudaSetDevice(device.index()));
+#endif
+}
+
 void synchronize_device(const torch::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.index());
 }
@@ -237,6 +245,7 @@ void run_rank(const mpu::SpawnContext& ctx, const Options& o, const Row& row,
               const std::string& row_path) {
   const torch::Device device = ctx.device;
   const torch::Dtype dtype = dtype_of(row.precision);
+  use_device(device);
   at::globalContext().setBenchmarkCuDNN(true);
   torch::manual_seed(o.seed + static_cast<std::uint64_t>(ctx.rank));
 

@@ -435,7 +435,9 @@ int run(Config c) {
     std::cout << kProgram << ": " << std::fixed << std::setprecision(1) << images / seconds
               << " images/s (" << c.arch << ", " << c.precision << ", " << c.strategy << ", " << n
               << " device(s), " << updater.iteration() - warmup << " iterations after " << warmup
-              << " warm-up, batch " << c.batch_size << " per device)\n";
+              << " warm-up, batch " << c.batch_size << " per device"
+              << (c.accumulate > 1 ? " x " + std::to_string(c.accumulate) + " accumulated" : "")
+              << ")\n";
     return 0;
   }
   const auto log = trainer.get_extension<mpu::LogReport>("LogReport");
