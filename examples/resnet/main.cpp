@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -65,6 +66,10 @@ struct Config {
   double warmup_epochs = -1.0;  // < 0: by device kind
   std::string precision = "fp32";
   std::string strategy = "master";
+  double bucket_mb = -1.0;  // < 0: the library's default
+  std::string wire_dtype = "fp32";
+  bool no_flat_step = false;
+  int accumulate = 1;
   std::string data;  // "": datasets::fashion_mnist_dir()
   std::string out = "result/resnet";
   std::string resume;
@@ -210,8 +215,12 @@ std::string format_percent(double fraction) {
 
 int run(Config c) {
   // --- Validate and complete the configuration, before anything starts -----------------------
-  if (c.strategy != "master") {
-    throw UsageError("--strategy " + c.strategy + ": valid strategies: master");
+  mpu::Strategy strategy = mpu::Strategy::kMasterStep;
+  try {
+    strategy = mpu::parse_strategy(c.strategy);
+  } catch (const mpu::InvalidArgument&) {
+    throw UsageError("--strategy " + c.strategy +
+                     ": valid strategies: master, replicated, sharded");
   }
   const int gpus = mpu::local_gpu_count();
   const auto devices = choose_devices(c.devices, gpus);
@@ -261,7 +270,9 @@ int run(Config c) {
   std::int64_t in_channels = 1;
   std::int64_t classes = kClasses;
   if (c.synthetic) {
-    train = synthetic_dataset(c.batch_size * n * kSyntheticBatchesPerEpoch, c.seed, dtype);
+    train = synthetic_dataset(
+        c.batch_size * n * std::max<std::int64_t>(kSyntheticBatchesPerEpoch, c.accumulate), c.seed,
+        dtype);
     in_channels = 3;
     classes = kSyntheticClasses;
   } else {
@@ -281,11 +292,12 @@ int run(Config c) {
         datasets::FashionMNIST(datasets::Split::Test, data_dir),
         {datasets::Normalize(datasets::kFashionMnistMean, datasets::kFashionMnistStd)});
   }
-  if (train->size() < c.batch_size * n) {
+  if (train->size() < c.batch_size * n * c.accumulate) {
     throw UsageError("the training set has " + std::to_string(train->size()) +
-                     " images, fewer than one batch on every device (" +
-                     std::to_string(c.batch_size) + " x " + std::to_string(n) +
-                     "); lower --batch-size or raise --train-size");
+                     " images, fewer than one step's batches on every device (" +
+                     std::to_string(c.batch_size) + " x " + std::to_string(n) + " x " +
+                     std::to_string(c.accumulate) +
+                     " accumulated); lower --batch-size or --accumulate, or raise --train-size");
   }
 
   // --- Model, optimizer, updater -------------------------------------------------------------
@@ -309,7 +321,11 @@ int run(Config c) {
   };
 
   mpu::UpdaterOptions uo;
-  uo.strategy = mpu::Strategy::kMasterStep;
+  uo.strategy = strategy;
+  if (c.bucket_mb >= 0) uo.bucket_bytes = static_cast<std::size_t>(c.bucket_mb * 1024.0 * 1024.0);
+  uo.wire_dtype = parse_precision(c.wire_dtype);
+  uo.flat_step = !c.no_flat_step;
+  uo.accumulation_steps = c.accumulate;
   auto iterators = mpu::split_iterators(train, n, mpu::IteratorOptions(c.batch_size).seed(c.seed));
   mpu::MultiprocessParallelUpdater updater(model, *optimizer, iterators, loss_fn, devices, uo);
   // The updater rescaled the optimizer for n processes; the schedule scales these values.
@@ -317,7 +333,7 @@ int run(Config c) {
   for (auto& g : optimizer->param_groups()) base_lr.push_back(g.options().get_lr());
   // The factor of an iteration is taken at its middle, in epochs: the first iteration of a
   // warm-up does not get a zero learning rate, nor the last of a cosine decay.
-  const double half_step = 0.5 * static_cast<double>(c.batch_size) /
+  const double half_step = 0.5 * static_cast<double>(c.batch_size * c.accumulate) /
                            static_cast<double>(iterators.front()->dataset_size());
 
   const auto stop =
@@ -395,8 +411,10 @@ int run(Config c) {
   std::cout << kProgram << ": " << c.arch << " (" << with_commas(parameters) << " parameters, "
             << c.precision << ") on " << n
             << (on_gpu ? " GPU(s) (NCCL)" : " CPU process(es) (Gloo)") << "; batch " << c.batch_size
-            << " per device (" << c.batch_size * n << " in all); " << c.optimizer << " lr " << c.lr
-            << ", " << c.schedule << " schedule; "
+            << " per device ("
+            << (c.accumulate > 1 ? "x " + std::to_string(c.accumulate) + " accumulated, " : "")
+            << c.batch_size * n * c.accumulate << " per step in all); " << c.strategy
+            << " strategy; " << c.optimizer << " lr " << c.lr << ", " << c.schedule << " schedule; "
             << (c.synthetic
                     ? std::to_string(c.iterations) + " iterations of synthetic " +
                           std::to_string(kSyntheticSize) + "x" + std::to_string(kSyntheticSize) +
@@ -412,11 +430,14 @@ int run(Config c) {
 
   if (c.synthetic) {
     const double seconds = std::chrono::duration<double>(timing->end - timing->start).count();
-    const double images = static_cast<double>((updater.iteration() - warmup) * c.batch_size * n);
+    const double images =
+        static_cast<double>((updater.iteration() - warmup) * c.batch_size * n * c.accumulate);
     std::cout << kProgram << ": " << std::fixed << std::setprecision(1) << images / seconds
-              << " images/s (" << c.arch << ", " << c.precision << ", " << n << " device(s), "
-              << updater.iteration() - warmup << " iterations after " << warmup
-              << " warm-up, batch " << c.batch_size << " per device)\n";
+              << " images/s (" << c.arch << ", " << c.precision << ", " << c.strategy << ", " << n
+              << " device(s), " << updater.iteration() - warmup << " iterations after " << warmup
+              << " warm-up, batch " << c.batch_size << " per device"
+              << (c.accumulate > 1 ? " x " + std::to_string(c.accumulate) + " accumulated" : "")
+              << ")\n";
     return 0;
   }
   const auto log = trainer.get_extension<mpu::LogReport>("LogReport");
@@ -489,14 +510,33 @@ int main(int argc, char** argv) {
                      "; none with --synthetic")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--precision", c.precision,
-                 "Parameter dtype: fp32, bf16 or fp16; gradients travel in fp32 (the packing "
-                 "layer converts). There is no fp32 master copy or loss scaling yet: bf16 "
+                 "Parameter dtype: fp32, bf16 or fp16; gradients travel in --wire-dtype (the "
+                 "packing layer converts). There is no fp32 master copy or loss scaling yet: bf16 "
                  "trains somewhat less accurately, fp16 (GPUs only) is fragile and may diverge")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
   app.add_option("--strategy", c.strategy,
-                 "Synchronisation: master (gradients reduced to the master, which steps and "
-                 "broadcasts the parameters); the only one so far")
+                 "Synchronisation: master (gradients reduced to the master, which alone steps "
+                 "and broadcasts the parameters), replicated (gradients allreduced, every "
+                 "process steps, as DDP) or sharded (ZeRO-1: reduce-scatter, each process steps "
+                 "its shard of the parameters and optimizer state, allgather)")
+      ->capture_default_str();
+  app.add_option("--bucket-mb", c.bucket_mb,
+                 "Gradients are communicated in buckets of this many MiB (of the wire dtype) "
+                 "while backward runs; 0: one bucket after backward (default: 25)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--wire-dtype", c.wire_dtype,
+                 "Dtype in which gradients travel: fp32, bf16 or fp16 (scaled by 1/N before the "
+                 "cast, so that the sum cannot overflow)")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
+      ->capture_default_str();
+  app.add_flag("--no-flat-step", c.no_flat_step,
+               "Step the optimizer per parameter (its own step()) instead of over the flat "
+               "parameter buffer");
+  app.add_option("--accumulate", c.accumulate,
+                 "Gradient accumulation: each step runs K micro-batches of --batch-size per "
+                 "device and communicates once; the effective batch is K times larger")
+      ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
   app.add_option("--data", c.data,
                  "Fashion-MNIST directory (default: $FASHION_MNIST_DIR, else "

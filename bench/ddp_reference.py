@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""PyTorch's reference for bench_resnet50: torchvision's ResNet-50 under
+torch.nn.parallel.DistributedDataParallel (NCCL), with the same batch, precision, optimizer,
+data and timing as the C++ benchmark, writing JSON in the same schema.
+
+usage: bench/ddp_reference.py [--gpus 1,2,4] [--precision fp32,bf16] [--batch-size 64]
+                              [--warmup 10] [--iters 30] [--json FILE]
+                              [--device cpu --arch resnet18 --image-size 32]   (a CPU smoke run)
+
+Every row (process count x precision) runs in fresh processes started with
+torch.multiprocessing.spawn (MASTER_ADDR/MASTER_PORT set here; no torchrun), one per GPU. Each
+rank builds torchvision.models.resnet50(num_classes), moves it to its GPU (and to bfloat16 for
+bf16: parameters in bf16, as bench_resnet50 does), wraps it in DDP (default bucket size,
+gradients averaged), and uses torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-4) in its
+default implementation. The data are one random batch per rank, made once on the GPU in the
+training dtype; the loss is cross-entropy of the logits cast to fp32. cudnn.benchmark is on.
+
+Timing per rank: --warmup steps, torch.cuda.synchronize, a barrier, --iters timed steps,
+torch.cuda.synchronize. The row's time is the slowest rank's, and
+images/s = ranks * batch * iters / time. Also per rank: torch.cuda.max_memory_allocated and
+max_memory_reserved over the whole process, and the bytes of the optimizer's state tensors.
+A row that fails is recorded with its error and the next one runs.
+
+--device cpu runs the same on CPU processes over Gloo (no memory figures), to check the script
+where there is no GPU; the benchmark itself is the GPU run.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+LR = 0.1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def optimizer_state_bytes(optimizer):
+    import torch
+
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def run_rank(rank, world, args, precision, port, result_path):
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    import torchvision
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    else:
+        torch.set_num_threads(args.threads)
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.backends.cudnn.benchmark = True
+        torch.manual_seed(args.seed + rank)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+
+        model = getattr(torchvision.models, args.arch)(num_classes=args.classes).to(device=device, dtype=dtype)
+        parameters = sum(p.numel() for p in model.parameters())
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(dtype)
+        labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(ddp(images).float(), labels)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        def synchronize():
+            if cuda:
+                torch.cuda.synchronize(device)
+
+        for _ in range(args.warmup):
+            step()
+        synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            loss = step()
+        synchronize()
+        seconds = time.perf_counter() - start
+
+        mine = {
+            "seconds": seconds,
+            "peak_allocated": torch.cuda.max_memory_allocated(device) if cuda else -1,
+            "peak_reserved": torch.cuda.max_memory_reserved(device) if cuda else -1,
+            "optimizer_state": optimizer_state_bytes(optimizer),
+        }
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+        if rank == 0:
+            seconds_all = [r["seconds"] for r in everyone]
+            slowest = max(seconds_all)
+            final_loss = loss.item()
+            row = {
+                "ok": True,
+                "images_per_s": world * args.batch_size * args.iters / slowest,
+                "seconds": slowest,
+                "rank_seconds": seconds_all,
+                "peak_allocated_bytes": [r["peak_allocated"] for r in everyone],
+                "peak_reserved_bytes": [r["peak_reserved"] for r in everyone],
+                "optimizer_state_bytes": [r["optimizer_state"] for r in everyone],
+                "final_loss": final_loss if math.isfinite(final_loss) else None,
+                "parameters": parameters,
+                "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "backend": "nccl" if cuda else "gloo",
+                "wire_dtype": precision,
+            }
+            with open(result_path, "w") as f:
+                json.dump(row, f)
+            peak = max(row["peak_allocated_bytes"])
+            print(f"ddp_reference: {world} x {row['device_name']}, {precision}, ddp: "
+                  f"{row['images_per_s']:.1f} images/s, loss {final_loss:.3f}"
+                  + (f", peak {peak / 1e9:.2f} GB allocated" if peak >= 0 else "")
+                  + f", optimizer state {max(row['optimizer_state_bytes']) / 1e6:.1f} MB on the fullest rank",
+                  flush=True)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def document(args, rows):
+    import torch
+    import torchvision
+
+    nccl = None
+    if args.device == "cuda":
+        version = torch.cuda.nccl.version()
+        nccl = ".".join(str(v) for v in version) if isinstance(version, tuple) else str(version)
+    return {
+        "benchmark": "resnet_training_throughput",
+        "implementation": "ddp",
+        "arch": args.arch,
+        "device": args.device,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "cuda_version": torch.version.cuda,
+        "nccl_version": nccl,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "classes": args.classes,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "optimizer": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
+        "updater": {"ddp_bucket_cap_mb": 25, "gradient_as_bucket_view": False},
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "results": rows,
+    }
+
+
+def write_atomically(path, doc):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def int_list(text):
+    return [int(v) for v in text.split(",") if v]
+
+
+def str_list(text):
+    return [v for v in text.split(",") if v]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int_list, default=[1, 2, 4], help="process counts, comma-separated")
+    p.add_argument("--precision", type=str_list, default=["fp32", "bf16"], help="fp32, bf16, fp16")
+    p.add_argument("--batch-size", type=int, default=64, help="batch per GPU")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: Gloo processes, to check the script without GPUs")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of each CPU process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here (rewritten after every row)")
+    args = p.parse_args()
+    if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
+        p.error("--iters and --batch-size must be at least 1, --warmup at least 0")
+    for precision in args.precision:
+        if precision not in ("fp32", "bf16", "fp16"):
+            p.error(f"--precision {precision}: valid precisions are fp32, bf16, fp16")
+
+    import torch
+    import torch.multiprocessing as mp
+
+    gpus = torch.cuda.device_count() if args.device == "cuda" else None
+    rows = []
+    failures = 0
+    for world in args.gpus:
+        for precision in args.precision:
+            row = {"gpus": world, "precision": precision, "strategy": "ddp"}
+            with tempfile.TemporaryDirectory() as tmp:
+                result_path = os.path.join(tmp, "row.json")
+                try:
+                    if gpus is not None and world > gpus:
+                        raise RuntimeError(f"{world} GPUs asked for, {gpus} visible")
+                    mp.spawn(run_rank, args=(world, args, precision, free_port(), result_path),
+                             nprocs=world, join=True)
+                    with open(result_path) as f:
+                        row.update(json.load(f))
+                except Exception as e:  # a failed row is recorded, and the next one runs
+                    failures += 1
+                    message = str(e) or traceback.format_exc()
+                    row.update({"ok": False, "error": message})
+                    first = message.strip().splitlines()[-1] if message.strip() else type(e).__name__
+                    print(f"ddp_reference: {world} x {args.device}, {precision}, ddp: FAILED: {first}", flush=True)
+            rows.append(row)
+            if args.json:
+                write_atomically(args.json, document(args, rows))
+    if args.json:
+        print(f"ddp_reference: JSON written to {args.json}")
+    if failures:
+        print(f"ddp_reference: {failures} of {len(rows)} rows failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# ResNet-50 training throughput, torch-mpu against PyTorch DDP, in one go on one machine:
+#   bench/run_resnet_bench.sh [OUT_DIR] [GPU_COUNT ...]
+# OUT_DIR (default bench-out/resnet50) receives mpu.json (bench_resnet50, every strategy),
+# ddp.json (bench/ddp_reference.py), env.json (cards, date, versions), the logs, and
+# resnet50_section.md; then bench/resnet_report.py rewrites the ResNet-50 section of
+# docs/benchmarks.md (and draws docs/img/resnet50_throughput.png where gnuplot exists; elsewhere
+# `bench/resnet_report.py --from OUT_DIR` draws it later from the same files).
+# GPU counts default to 1 2 4, capped at the GPUs present (nvidia-smi -L).
+#
+# Environment: BUILD (build directory, default build-gpu; bench_resnet50 must be built there),
+# PRECISIONS (fp32,bf16), STRATEGIES (master,replicated,sharded), BATCH (64), WARMUP (10),
+# ITERS (30), WIRE_DTYPE (fp32; "param" sends gradients in the parameter dtype, as DDP does),
+# BENCH_ARGS and DDP_ARGS (more options of bench_resnet50 and ddp_reference.py), SKIP_DDP=1 /
+# SKIP_MPU=1 to run one side only.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+out=${1:-bench-out/resnet50}
+shift || true
+build=${BUILD:-build-gpu}
+precisions=${PRECISIONS:-fp32,bf16}
+strategies=${STRATEGIES:-master,replicated,sharded}
+batch=${BATCH:-64}
+warmup=${WARMUP:-10}
+iters=${ITERS:-30}
+wire=${WIRE_DTYPE:-fp32}
+mkdir -p "$out"
+
+present=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ "${present:-0}" -eq 0 ]; then
+  echo "run_resnet_bench.sh: no GPU (nvidia-smi -L lists none); this benchmark needs GPUs" >&2
+  exit 1
+fi
+counts=()
+for n in "${@:-1 2 4}"; do
+  for m in ${n//,/ }; do
+    if [ "$m" -le "$present" ]; then counts+=("$m"); else echo "run_resnet_bench.sh: skipping $m GPUs ($present present)"; fi
+  done
+done
+if [ ${#counts[@]} -eq 0 ]; then
+  echo "run_resnet_bench.sh: no GPU count left to run" >&2
+  exit 1
+fi
+gpus=$(IFS=,; echo "${counts[*]}")
+echo "run_resnet_bench.sh: GPU counts $gpus; precisions $precisions; strategies $strategies; batch $batch; $warmup + $iters iterations -> $out"
+
+# The machine, the date and the versions, for the report.
+python3 - "$out/env.json" <<'EOF'
+import datetime, json, subprocess, sys
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    except Exception:
+        return ""
+env = {
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "gpus": [l for l in sh("nvidia-smi -L").splitlines() if l.startswith("GPU")],
+    "driver": sh("nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1"),
+    "git_commit": sh("git rev-parse --short HEAD"),
+    "git_dirty": bool(sh("git status --porcelain --untracked-files=no")),
+    "gxx": sh("g++ -dumpfullversion"),
+    "nvcc": sh("nvcc --version | sed -n 's/.*release \\([0-9.]*\\).*/\\1/p'"),
+}
+try:
+    import torch, torchvision
+    env.update(torch=torch.__version__, torchvision=torchvision.__version__, cuda=torch.version.cuda,
+               nccl=".".join(str(v) for v in torch.cuda.nccl.version()))
+except Exception as e:
+    env["python_torch_error"] = str(e)
+with open(sys.argv[1], "w") as f:
+    json.dump(env, f, indent=2)
+print("run_resnet_bench.sh: " + "; ".join(env["gpus"]))
+EOF
+
+status=0
+if [ "${SKIP_MPU:-0}" != 1 ]; then
+  bench="$build/bench/bench_resnet50"
+  if [ ! -x "$bench" ]; then
+    echo "run_resnet_bench.sh: $bench is missing; build it first (cmake --build $build --target bench_resnet50)" >&2
+    exit 1
+  fi
+  read -ra extra <<< "${BENCH_ARGS:-}"
+  "$bench" --gpus "$gpus" --precision "$precisions" --strategy "$strategies" --batch-size "$batch" \
+    --warmup "$warmup" --iters "$iters" --wire-dtype "$wire" "${extra[@]}" --json "$out/mpu.json" \
+    2>&1 | tee "$out/mpu.log" || status=1
+fi
+if [ "${SKIP_DDP:-0}" != 1 ]; then
+  read -ra ddp_extra <<< "${DDP_ARGS:-}"
+  python3 bench/ddp_reference.py --gpus "$gpus" --precision "$precisions" --batch-size "$batch" \
+    --warmup "$warmup" --iters "$iters" "${ddp_extra[@]}" --json "$out/ddp.json" 2>&1 | tee "$out/ddp.log" || status=1
+fi
+python3 bench/resnet_report.py --from "$out" || status=1
+exit $status
