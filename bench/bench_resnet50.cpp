@@ -152,7 +152,6 @@ std::string json_array(const std::vector<T>& values) {
   return out.str();
 }
 
-
 // Makes `device` this process's current CUDA device, as torch.cuda.set_device does in the DDP
 // reference, so that nothing of this rank lands on GPU 0 by default.
 void use_device([[maybe_unused]] const torch::Device& device) {
