@@ -292,6 +292,7 @@ struct FlatOptimizer::Impl {
   std::vector<Param> params;                       // sorted by offset
   std::vector<std::vector<std::size_t>> by_group;  // [group][index] -> index into params
   std::vector<Run> runs;
+  std::vector<torch::Tensor> scratch_buffers;  // CPU only, see scratch()
 
   int field_index(Field f) const {
     for (std::size_t i = 0; i < fields.size(); ++i) {
@@ -416,26 +417,53 @@ struct FlatOptimizer::Impl {
   }
 
   // --- the step, per run -----------------------------------------------------------------------
+  //
+  // Each function performs torch::optim's step on the run's slices: the same operations with
+  // the same scalars in the same order. Where the plain step creates a temporary tensor (a + b,
+  // x.sqrt()), this writes the same operation's result into a scratch tensor with its out=
+  // variant, or applies it in place to a scratch tensor that holds the previous result: the
+  // same kernels and arithmetic, element by element. On CUDA the scratch tensors are fresh
+  // allocations (the caching allocator recycles them, and they do not hold memory between
+  // steps); on CPU they persist, because a fresh allocation of this size is page-faulted in at
+  // every step, which costs far more than the step itself.
+
+  /// Scratch tensor i for run r (an lvalue, for the out= variants).
+  torch::Tensor scratch(std::size_t i, const Run& r) {
+    const std::int64_t len = r.end - r.begin;
+    if (flat_param.is_cuda()) return torch::empty({len}, flat_param.options());
+    if (scratch_buffers.size() <= i) scratch_buffers.resize(i + 1);
+    if (!scratch_buffers[i].defined()) {
+      scratch_buffers[i] = torch::empty({end - begin}, flat_param.options());
+    }
+    return scratch_buffers[i].narrow(0, r.begin - begin, len);
+  }
 
   void step_sgd(const Run& r, const optim::SGDOptions& o, bool has_buffer) {
-    // torch::optim::SGD::step, with the parameter's tensors replaced by the run's.
+    torch::Tensor tmp0;  // scratch(0, r) once needed
     torch::Tensor p = slice(flat_param, r.begin, r.end);
     torch::Tensor d_p = slice(flat_grad, r.begin, r.end);
+    bool d_p_is_scratch = false;
     const auto weight_decay = o.weight_decay();
     const auto momentum = o.momentum();
     const auto dampening = o.dampening();
     const auto nesterov = o.nesterov();
-    if (weight_decay != 0) d_p = d_p.add(p, weight_decay);
+    if (weight_decay != 0) {
+      // d_p = d_p.add(p, weight_decay)
+      d_p = torch::add_out(tmp0 = scratch(0, r), d_p, p, weight_decay);
+      d_p_is_scratch = true;
+    }
     if (momentum != 0) {
-      const int k = field_index(Field::kMomentumBuffer);
-      torch::Tensor buf = state_slice(static_cast<std::size_t>(k), r.begin, r.end);
+      torch::Tensor buf = state_slice(static_cast<std::size_t>(field_index(Field::kMomentumBuffer)),
+                                      r.begin, r.end);
       if (!has_buffer) {
         buf.copy_(d_p);  // the plain step's clone(d_p)
       } else {
         buf.mul_(momentum).add_(d_p, 1 - dampening);
       }
       if (nesterov) {
-        d_p = d_p.add(buf, momentum);
+        // d_p = d_p.add(buf, momentum)
+        d_p = d_p_is_scratch ? d_p.add_(buf, momentum)
+                             : torch::add_out(tmp0 = scratch(0, r), d_p, buf, momentum);
       } else {
         d_p = buf;
       }
@@ -445,7 +473,9 @@ struct FlatOptimizer::Impl {
 
   template <typename Options>
   void step_adam(const Run& r, const Options& o, std::int64_t step, bool decoupled) {
-    // torch::optim::Adam::step (decoupled = false) and AdamW::step (true).
+    torch::Tensor tmp0;  // scratch(0, r) and scratch(1, r) once needed
+    torch::Tensor tmp1;
+    // Adam (decoupled = false) and AdamW (true).
     torch::Tensor p = slice(flat_param, r.begin, r.end);
     torch::Tensor grad = slice(flat_grad, r.begin, r.end);
     if (decoupled && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
@@ -455,54 +485,67 @@ struct FlatOptimizer::Impl {
     const auto beta2 = std::get<1>(o.betas());
     const auto bias_correction1 = 1 - std::pow(beta1, step);
     const auto bias_correction2 = 1 - std::pow(beta2, step);
-    if (!decoupled && o.weight_decay() != 0) grad = grad.add(p, o.weight_decay());
+    if (!decoupled && o.weight_decay() != 0) {
+      grad = torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
+    }
     exp_avg.mul_(beta1).add_(grad, 1 - beta1);
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
-    torch::Tensor denom;
+    // denom = (v.sqrt() / sqrt(bias_correction2)).add_(eps), v = max_exp_avg_sq with amsgrad
+    torch::Tensor v = exp_avg_sq;
     if (o.amsgrad()) {
-      const int k = field_index(Field::kMaxExpAvgSq);
-      torch::Tensor max_exp_avg_sq = state_slice(static_cast<std::size_t>(k), r.begin, r.end);
+      torch::Tensor max_exp_avg_sq =
+          state_slice(static_cast<std::size_t>(field_index(Field::kMaxExpAvgSq)), r.begin, r.end);
       torch::max_out(max_exp_avg_sq, exp_avg_sq, max_exp_avg_sq);
-      denom = (max_exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(o.eps());
-    } else {
-      denom = (exp_avg_sq.sqrt() / std::sqrt(bias_correction2)).add_(o.eps());
+      v = max_exp_avg_sq;
     }
+    torch::Tensor denom = torch::sqrt_out(tmp1 = scratch(1, r), v);
+    denom.div_(std::sqrt(bias_correction2)).add_(o.eps());
     const auto step_size = o.lr() / bias_correction1;
     p.addcdiv_(exp_avg, denom, -step_size);
   }
 
   void step_adagrad(const Run& r, const optim::AdagradOptions& o, std::int64_t step) {
-    // torch::optim::Adagrad::step, dense gradients.
+    torch::Tensor tmp0;  // scratch(0, r) and scratch(1, r) once needed
+    torch::Tensor tmp1;
     torch::Tensor p = slice(flat_param, r.begin, r.end);
     torch::Tensor grad = slice(flat_grad, r.begin, r.end);
     torch::Tensor sum = state_slice(0, r.begin, r.end);
-    if (o.weight_decay() != 0) grad = grad.add(p, o.weight_decay());
+    if (o.weight_decay() != 0)
+      grad = torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
     const auto clr = o.lr() / (1 + static_cast<double>(step - 1) * o.lr_decay());
     sum.addcmul_(grad, grad, 1.0);
-    const auto std_dev = sum.sqrt().add_(o.eps());
+    // std = sum.sqrt().add_(eps)
+    torch::Tensor std_dev = torch::sqrt_out(tmp1 = scratch(1, r), sum);
+    std_dev.add_(o.eps());
     p.addcdiv_(grad, std_dev, -clr);
   }
 
   void step_rmsprop(const Run& r, const optim::RMSpropOptions& o) {
-    // torch::optim::RMSprop::step.
+    torch::Tensor tmp0;  // scratch(0, r) and scratch(1, r) once needed
+    torch::Tensor tmp1;
     torch::Tensor p = slice(flat_param, r.begin, r.end);
     torch::Tensor grad = slice(flat_grad, r.begin, r.end);
     torch::Tensor square_avg = state_slice(0, r.begin, r.end);
     const auto alpha = o.alpha();
-    if (o.weight_decay() != 0) grad = grad.add(p, o.weight_decay());
+    if (o.weight_decay() != 0)
+      grad = torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
     square_avg.mul_(alpha).addcmul_(grad, grad, 1 - alpha);
     torch::Tensor avg;
     if (o.centered()) {
-      const int k = field_index(Field::kGradAvg);
-      torch::Tensor grad_avg = state_slice(static_cast<std::size_t>(k), r.begin, r.end);
+      torch::Tensor grad_avg =
+          state_slice(static_cast<std::size_t>(field_index(Field::kGradAvg)), r.begin, r.end);
       grad_avg.mul_(alpha).add_(grad, 1 - alpha);
-      avg = square_avg.addcmul(grad_avg, grad_avg, -1).sqrt_().add_(o.eps());
+      // avg = square_avg.addcmul(grad_avg, grad_avg, -1).sqrt_().add_(eps)
+      avg = torch::addcmul_out(tmp1 = scratch(1, r), square_avg, grad_avg, grad_avg, -1);
+      avg.sqrt_().add_(o.eps());
     } else {
-      avg = square_avg.sqrt().add_(o.eps());
+      // avg = square_avg.sqrt().add_(eps)
+      avg = torch::sqrt_out(tmp1 = scratch(1, r), square_avg);
+      avg.add_(o.eps());
     }
     if (o.momentum() > 0) {
-      const int k = field_index(Field::kMomentumBuffer);
-      torch::Tensor buf = state_slice(static_cast<std::size_t>(k), r.begin, r.end);
+      torch::Tensor buf = state_slice(static_cast<std::size_t>(field_index(Field::kMomentumBuffer)),
+                                      r.begin, r.end);
       buf.mul_(o.momentum()).addcdiv_(grad, avg);
       p.add_(buf, -o.lr());
     } else {

@@ -52,6 +52,11 @@ bool flat_step_supported(const torch::optim::Optimizer& optimizer, std::string* 
 ///   looks at optimizer.state(), so call import_state() after optimizer.load() (and after
 ///   saving, to drop the exported copies again).
 ///
+/// Memory: the state buffers (`state_bytes()`), plus the step's temporaries (at most two
+/// tensors of end - begin elements): on CUDA they come from the caching allocator and are
+/// released after each step; on CPU they are kept between steps, because page-faulting a fresh
+/// allocation of that size in at every step costs more than the step.
+///
 /// Devices and streams: the torch operations run on the current stream of the parameters'
 /// device, without host synchronisation. Not thread-safe; not copyable; movable.
 class FlatOptimizer {
