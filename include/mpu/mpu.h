@@ -10,6 +10,7 @@
 #include "mpu/error.h"
 #include "mpu/extensions.h"
 #include "mpu/flat_buffer.h"
+#include "mpu/flat_optimizer.h"
 #include "mpu/iterator.h"
 #include "mpu/launch.h"
 #include "mpu/reporter.h"
