@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -29,12 +30,11 @@
 #include "mpu/launch.h"
 #include "mpu/updater.h"
 #include "updater_common.h"
+#include "worker_watch.h"
 
 namespace mpu {
 namespace detail {
 namespace {
-
-constexpr std::chrono::seconds kWorkerExitGrace{10};
 
 void write_all(int fd, const void* data, std::size_t n) {
   const char* p = static_cast<const char*>(data);
@@ -92,14 +92,6 @@ void deserialize(const std::string& blob,
   fn(archive);
 }
 
-std::string describe_status(int status) {
-  if (WIFEXITED(status)) return cat("exited with status ", WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) {
-    return cat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")");
-  }
-  return cat("ended with wait status ", status);
-}
-
 }  // namespace
 
 struct Worker {
@@ -114,6 +106,18 @@ struct Worker {
 struct WorkerSet {
   std::vector<Worker> workers;
   std::optional<StoreServer> store;  // Gloo only: the master serves the rendezvous
+  std::unique_ptr<ChildWatch> watch;  // notices a dead worker while the master is busy
+  std::chrono::milliseconds grace = kWorkerExitGrace;  // stop(): before SIGKILL
+
+  // Starts watching the workers; a death aborts the communicator once `arm`ed.
+  void start_watch() {
+    std::vector<pid_t> pids;
+    for (const auto& w : workers) pids.push_back(w.pid);
+    watch = std::make_unique<ChildWatch>(std::move(pids), kWorkerWatchInterval);
+  }
+  void arm(const std::shared_ptr<Communicator>& comm) {
+    if (watch) watch->arm(comm);
+  }
 
   // Reaps worker `w` if it has exited (or waits up to `wait` for it to); true when reaped.
   bool reap(Worker& w, std::chrono::milliseconds wait) {
@@ -143,27 +147,100 @@ struct WorkerSet {
     return text;
   }
 
-  // Throws CommError describing the first worker that has died, if any.
-  void raise_if_dead(std::chrono::milliseconds wait) {
-    for (auto& w : workers) {
-      if (!reap(w, wait)) continue;
-      const std::string why = error_text(w);
-      MPU_THROW(CommError, "MultiprocessParallelUpdater: worker ", w.rank, " (", w.device.str(),
-                ", pid ", w.pid, ") ", describe_status(w.status),
-                why.empty() ? std::string() : ": " + why);
-    }
+  // "worker 2 (cpu, pid 123) was killed by signal 9 (Killed)[: <the error it sent>]".
+  static std::string describe(const Worker& w, const std::string& why) {
+    return cat("MultiprocessParallelUpdater: worker ", w.rank, " (", w.device.str(), ", pid ",
+               w.pid, ") ", describe_wait_status(w.status), why.empty() ? "" : ": ", why);
   }
 
-  // Asks every worker to finish, waits, kills the ones that do not, and reaps all. noexcept.
+  // Throws CommError naming a dead worker, if one dies within `wait`. One death brings down
+  // the others (their collectives fail), so once one is found dead the others get a moment to
+  // show, and the worker blamed is one that failed on its own (killed by a signal, or its own
+  // error), the first the watch saw if it is one.
+  void raise_if_dead(std::chrono::milliseconds wait) {
+    const auto settle = std::chrono::milliseconds(200);
+    const auto start = std::chrono::steady_clock::now();
+    auto deadline = start + wait;
+    bool any = false;
+    for (;;) {
+      bool own = false;
+      for (auto& w : workers) {
+        if (reap(w, std::chrono::milliseconds(0))) {
+          any = true;
+          own = own || !is_consequential_exit(w.status);
+        }
+      }
+      const auto now = std::chrono::steady_clock::now();
+      if (own || (any && now >= deadline)) break;
+      if (!any && now >= deadline) return;
+      if (any) deadline = std::min(deadline, now + settle);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    const Worker* blame = nullptr;
+    const int first = watch ? watch->first_dead() : -1;
+    if (first >= 0 && workers[static_cast<std::size_t>(first)].reaped &&
+        !is_consequential_exit(workers[static_cast<std::size_t>(first)].status)) {
+      blame = &workers[static_cast<std::size_t>(first)];
+    }
+    for (const auto& w : workers) {
+      if (!blame && w.reaped && !is_consequential_exit(w.status)) blame = &w;
+    }
+    if (!blame && first >= 0 && workers[static_cast<std::size_t>(first)].reaped) {
+      blame = &workers[static_cast<std::size_t>(first)];
+    }
+    for (const auto& w : workers) {
+      if (!blame && w.reaped) blame = &w;
+    }
+    throw CommError(where(__FILE__, __LINE__) + describe(*blame, error_text(*blame)));
+  }
+
+  // The iterator state of worker `i`, asked for through its socket; CommError naming the
+  // worker when it is dead or does not answer within `timeout`.
+  std::string iterator_state(std::size_t i, std::chrono::milliseconds timeout,
+                             std::chrono::milliseconds bound) {
+    Worker& w = workers[i];
+    std::string why;
+    try {
+      const char p = 'P';
+      write_all(w.fd, &p, 1);
+      pollfd pfd{w.fd, POLLIN, 0};
+      const int ready = ::poll(&pfd, 1, static_cast<int>(timeout.count()));
+      char tag = 0;
+      if (ready > 0 && read_all(w.fd, &tag, 1)) {
+        if (tag == 'P') return read_blob(w.fd);
+        if (tag == 'E') why = read_blob(w.fd);
+      } else if (ready == 0) {
+        MPU_THROW(Timeout, "MultiprocessParallelUpdater::save: worker ", w.rank, " (",
+                  w.device.str(), ", pid ", w.pid, ") did not send its iterator state within ",
+                  timeout.count(), " ms");
+      }
+    } catch (const Timeout&) {
+      throw;
+    } catch (const CommError& e) {
+      why = e.what();
+    }
+    reap(w, bound);
+    MPU_THROW(CommError, "MultiprocessParallelUpdater::save: asking for its iterator state: ",
+              describe(w, why), w.reaped ? "" : " (it is still running but closed its socket)");
+  }
+
+  // Asks every worker to finish, waits up to `grace` for all of them, kills the ones left, and
+  // reaps all. noexcept.
   void stop() noexcept {
+    if (watch) watch->stop();
     for (auto& w : workers) {
       if (w.fd >= 0) {
         const char f = 'F';
         (void)::send(w.fd, &f, 1, MSG_NOSIGNAL);
       }
     }
+    const auto deadline = std::chrono::steady_clock::now() + grace;
     for (auto& w : workers) {
-      if (!reap(w, kWorkerExitGrace)) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (!reap(w, std::max(left, std::chrono::milliseconds(0)))) {
+        MPU_LOG_WARN("MultiprocessParallelUpdater: worker ", w.rank, " (pid ", w.pid,
+                     ") did not exit within ", grace.count(), " ms; killing it");
         ::kill(w.pid, SIGKILL);
         reap(w, std::chrono::hours(1));
       }
@@ -264,6 +341,7 @@ MultiprocessParallelUpdater::MultiprocessParallelUpdater(
   MPU_CHECK(model_ != nullptr, "MultiprocessParallelUpdater: model is null");
   detail::check_has_parameters(*model_, "MultiprocessParallelUpdater");
   validate(*model_, iterators_, loss_fn_, devices_);
+  (void)detail::worker_death_timeout(options_);  // refuses a bad option or variable now
   scaling_changes_ = apply_scaling(optimizer_, static_cast<int>(devices_.size()), options_.scaling);
 }
 
@@ -320,6 +398,7 @@ void MultiprocessParallelUpdater::start() {
     set->workers.push_back(detail::Worker{k, devices_[k], pid, fds[0]});
   }
   workers_ = std::move(set);
+  workers_->start_watch();
 
   // Rendezvous: an NCCL unique id for GPUs, a TCPStore for CPUs, sent through the sockets.
   std::string rendezvous;
@@ -349,6 +428,7 @@ void MultiprocessParallelUpdater::start() {
   } catch (const std::exception& e) {
     fail(e);
   }
+  workers_->arm(comm_);
 }
 
 [[noreturn]] void MultiprocessParallelUpdater::run_worker(int k, int fd) noexcept {
@@ -356,6 +436,11 @@ void MultiprocessParallelUpdater::start() {
   try {
     // GNU OpenMP does not survive fork(): one intra-op thread, as torchrun's default.
     at::set_num_threads(1);
+    // Workers follow the master: they leave when it says so or when it is gone, not on the
+    // Ctrl-C or SIGTERM meant for the job, so that the master can still save their state.
+    ::signal(SIGINT, SIG_IGN);
+    ::signal(SIGTERM, SIG_IGN);
+    detail::watch_parent(::getppid(), fd, k, kWorkerWatchInterval);
     // The fork copied the master's current observation; reports here go to a private sink that
     // is emptied every step, because only the master reports.
     Observation sink;
@@ -401,7 +486,8 @@ void MultiprocessParallelUpdater::start() {
       }
     }
   } catch (const std::exception& e) {
-    code = 2;
+    code = dynamic_cast<const CommError*>(&e) != nullptr ? detail::kWorkerExitCommError
+                                                         : detail::kWorkerExitError;
     try {
       detail::send_blob(fd, 'E', e.what());
     } catch (...) {
@@ -409,7 +495,7 @@ void MultiprocessParallelUpdater::start() {
     MPU_LOG_ERROR("MultiprocessParallelUpdater worker ", k, " (", devices_[k].str(),
                   ") failed: ", e.what());
   } catch (...) {
-    code = 3;
+    code = detail::kWorkerExitError;
   }
   // Leave without running the parent's atexit handlers and static destructors.
   ::_exit(code);
@@ -418,8 +504,16 @@ void MultiprocessParallelUpdater::start() {
 void MultiprocessParallelUpdater::fail(const std::exception& cause) {
   // A failed collective usually means a worker died: name it rather than the collective.
   const std::string what = cause.what();
+  const auto bound = detail::worker_death_timeout(options_);
+  const bool watched_death = workers_->watch && workers_->watch->first_dead() >= 0;
+  const bool comm_failure = dynamic_cast<const CommError*>(&cause) != nullptr || watched_death;
+  // Within the bound: half to find the dead worker, half for the others to leave.
+  workers_->grace = bound / 2;
+  if (comm_) comm_->abort();
   try {
-    workers_->raise_if_dead(std::chrono::milliseconds(2000));
+    const bool timed_out = dynamic_cast<const Timeout*>(&cause) != nullptr && !watched_death;
+    workers_->raise_if_dead(comm_failure && !timed_out ? bound / 2
+                                                       : std::chrono::milliseconds(0));
   } catch (const CommError& e) {
     std::string msg = e.what();
     if (msg.find("Autograd-and-Fork") != std::string::npos) {
@@ -476,13 +570,8 @@ void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive)
   for (std::size_t k = 1; k < iterators_.size(); ++k) {
     std::string blob;
     if (workers_) {
-      auto& w = workers_->workers[k - 1];
-      const char p = 'P';
-      detail::write_all(w.fd, &p, 1);
-      char tag = 0;
-      MPU_CHECK(detail::read_all(w.fd, &tag, 1) && tag == 'P',
-                "MultiprocessParallelUpdater: worker ", k, " did not answer the save request");
-      blob = detail::read_blob(w.fd);
+      blob = workers_->iterator_state(k - 1, options_.timeout,
+                                      detail::worker_death_timeout(options_));
     } else {
       blob = detail::serialize([&](auto& a) { iterators_[k]->save(a); });
     }

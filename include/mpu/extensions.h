@@ -146,6 +146,15 @@ class Snapshot : public Extension {
   Trigger default_trigger() const override { return every_epochs(1); }
   int priority() const override { return kPrioritySnapshot; }
   void operator()(Trainer& trainer) override;
+  /// Writes a final snapshot when `write_on_interrupt()` was asked for and this iteration has
+  /// none yet.
+  void interrupted(Trainer& trainer) override;
+
+  /// Also write a snapshot when the run is stopped by SIGINT or SIGTERM.
+  Snapshot& write_on_interrupt(bool write = true) {
+    on_interrupt_ = write;
+    return *this;
+  }
 
   /// The path of the last snapshot written ("" before the first).
   const std::string& last_path() const { return last_path_; }
@@ -154,6 +163,7 @@ class Snapshot : public Extension {
   std::string pattern_;
   int keep_last_;
   std::string last_path_;
+  bool on_interrupt_ = false;
 };
 
 /// A pass over evaluation data: what the Evaluator reads. An mpu::Iterator satisfies it through
