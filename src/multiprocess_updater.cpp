@@ -105,7 +105,7 @@ struct Worker {
 
 struct WorkerSet {
   std::vector<Worker> workers;
-  std::optional<StoreServer> store;  // Gloo only: the master serves the rendezvous
+  std::optional<StoreServer> store;   // Gloo only: the master serves the rendezvous
   std::unique_ptr<ChildWatch> watch;  // notices a dead worker while the master is busy
   std::chrono::milliseconds grace = kWorkerExitGrace;  // stop(): before SIGKILL
 
@@ -512,8 +512,7 @@ void MultiprocessParallelUpdater::fail(const std::exception& cause) {
   if (comm_) comm_->abort();
   try {
     const bool timed_out = dynamic_cast<const Timeout*>(&cause) != nullptr && !watched_death;
-    workers_->raise_if_dead(comm_failure && !timed_out ? bound / 2
-                                                       : std::chrono::milliseconds(0));
+    workers_->raise_if_dead(comm_failure && !timed_out ? bound / 2 : std::chrono::milliseconds(0));
   } catch (const CommError& e) {
     std::string msg = e.what();
     if (msg.find("Autograd-and-Fork") != std::string::npos) {
@@ -570,8 +569,8 @@ void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive)
   for (std::size_t k = 1; k < iterators_.size(); ++k) {
     std::string blob;
     if (workers_) {
-      blob = workers_->iterator_state(k - 1, options_.timeout,
-                                      detail::worker_death_timeout(options_));
+      blob =
+          workers_->iterator_state(k - 1, options_.timeout, detail::worker_death_timeout(options_));
     } else {
       blob = detail::serialize([&](auto& a) { iterators_[k]->save(a); });
     }

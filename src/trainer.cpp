@@ -168,11 +168,11 @@ void Trainer::interrupt(const std::vector<Entry*>& active, int signal) {
   MPU_LOG_WARN("Trainer: received signal ", signal, " (", strsignal(signal),
                "); stopping after iteration ", updater_.iteration());
   for (Entry* e : active) e->extension->interrupted(*this);
-  throw Interrupted(detail::where(__FILE__, __LINE__) +
-                        detail::cat("Trainer::run: interrupted by signal ", signal, " (",
-                                    strsignal(signal), ") after iteration ", updater_.iteration(),
-                                    "; the workers are stopped"),
-                    signal);
+  throw Interrupted(
+      detail::where(__FILE__, __LINE__) +
+          detail::cat("Trainer::run: interrupted by signal ", signal, " (", strsignal(signal),
+                      ") after iteration ", updater_.iteration(), "; the workers are stopped"),
+      signal);
 }
 
 bool Trainer::runs_here(const Extension& extension) const {

@@ -35,10 +35,10 @@ std::chrono::milliseconds worker_death_timeout(const UpdaterOptions& options) {
 std::string describe_wait_status(int status) {
   if (WIFEXITED(status)) {
     const int code = WEXITSTATUS(status);
-    const char* meaning = code == kWorkerExitError         ? " (it failed)"
-                          : code == kWorkerExitCommError   ? " (a collective failed)"
+    const char* meaning = code == kWorkerExitError        ? " (it failed)"
+                          : code == kWorkerExitCommError  ? " (a collective failed)"
                           : code == kWorkerExitMasterGone ? " (the master was gone)"
-                                                           : "";
+                                                          : "";
     return cat("exited with status ", code, meaning);
   }
   if (WIFSIGNALED(status)) {
@@ -49,9 +49,9 @@ std::string describe_wait_status(int status) {
 }
 
 bool is_consequential_exit(int status) {
-  return WIFEXITED(status) && (WEXITSTATUS(status) == kWorkerExitCommError ||
-                               WEXITSTATUS(status) == kWorkerExitMasterGone ||
-                               WEXITSTATUS(status) == kWorkerExitOk);
+  return WIFEXITED(status) &&
+         (WEXITSTATUS(status) == kWorkerExitCommError ||
+          WEXITSTATUS(status) == kWorkerExitMasterGone || WEXITSTATUS(status) == kWorkerExitOk);
 }
 
 ChildWatch::ChildWatch(std::vector<pid_t> pids, std::chrono::milliseconds interval)

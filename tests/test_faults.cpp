@@ -84,13 +84,20 @@ enum class Fault { kNone, kSigkill, kAbort, kThrow, kExit, kSleep, kOutOfMemory 
 
 [[maybe_unused]] const char* fault_name(Fault f) {
   switch (f) {
-    case Fault::kNone: return "none";
-    case Fault::kSigkill: return "SIGKILL";
-    case Fault::kAbort: return "abort()";
-    case Fault::kThrow: return "an exception";
-    case Fault::kExit: return "_exit(7)";
-    case Fault::kSleep: return "a hang";
-    case Fault::kOutOfMemory: return "out of memory";
+    case Fault::kNone:
+      return "none";
+    case Fault::kSigkill:
+      return "SIGKILL";
+    case Fault::kAbort:
+      return "abort()";
+    case Fault::kThrow:
+      return "an exception";
+    case Fault::kExit:
+      return "_exit(7)";
+    case Fault::kSleep:
+      return "a hang";
+    case Fault::kOutOfMemory:
+      return "out of memory";
   }
   return "?";
 }
@@ -105,17 +112,24 @@ mpu::LossFunction faulty_loss(std::shared_ptr<torch::nn::LinearImpl> net, int vi
     const int rank = static_cast<int>(b.data[0][0].item<float>());
     if (rank == victim && ++*calls == at_call) {
       switch (fault) {
-        case Fault::kNone: break;
-        case Fault::kSigkill: ::raise(SIGKILL); break;
+        case Fault::kNone:
+          break;
+        case Fault::kSigkill:
+          ::raise(SIGKILL);
+          break;
         case Fault::kAbort: {
           const rlimit no_core{0, 0};
           ::setrlimit(RLIMIT_CORE, &no_core);
           ::signal(SIGABRT, SIG_DFL);  // not Catch2's handler, inherited through the fork
           std::abort();
         }
-        case Fault::kThrow: throw std::runtime_error("injected failure in the loss function");
-        case Fault::kExit: ::_exit(7);
-        case Fault::kSleep: std::this_thread::sleep_for(sleep); break;
+        case Fault::kThrow:
+          throw std::runtime_error("injected failure in the loss function");
+        case Fault::kExit:
+          ::_exit(7);
+        case Fault::kSleep:
+          std::this_thread::sleep_for(sleep);
+          break;
         case Fault::kOutOfMemory:
           // Far more than any GPU has: the caching allocator throws its out-of-memory error.
           (void)torch::empty({std::int64_t{1} << 40}, b.data.options());
@@ -155,10 +169,10 @@ std::int64_t count_alive(const std::vector<int>& pids) {
 class StderrCapture {
  public:
   StderrCapture()
-      : path_((fs::temp_directory_path() /
-               ("mpu_faults_stderr_" + std::to_string(::getpid()) + "_" +
-                std::to_string(Clock::now().time_since_epoch().count())))
-                  .string()) {
+      : path_(
+            (fs::temp_directory_path() / ("mpu_faults_stderr_" + std::to_string(::getpid()) + "_" +
+                                          std::to_string(Clock::now().time_since_epoch().count())))
+                .string()) {
     std::fflush(stderr);
     saved_ = ::dup(STDERR_FILENO);
     const int fd = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
@@ -287,11 +301,11 @@ TEST_CASE("A worker that dies makes the master throw CommError naming it, in bou
       what = std::string("not a CommError: ") + e.what();
     }
     const auto elapsed = std::chrono::duration_cast<milliseconds>(Clock::now() - start);
-    return std::vector<torch::Tensor>{text_tensor(what),
-                                      torch::tensor({static_cast<std::int64_t>(comm_error),
-                                                     static_cast<std::int64_t>(elapsed.count()),
-                                                     count_alive(pids),
-                                                     static_cast<std::int64_t>(pids.at(1))})};
+    return std::vector<torch::Tensor>{
+        text_tensor(what),
+        torch::tensor({static_cast<std::int64_t>(comm_error),
+                       static_cast<std::int64_t>(elapsed.count()), count_alive(pids),
+                       static_cast<std::int64_t>(pids.at(1))})};
   });
   const std::string what = tensor_text(out[0]);
   const auto facts = out[1];
@@ -303,14 +317,21 @@ TEST_CASE("A worker that dies makes the master throw CommError naming it, in bou
       "worker 2 (cpu, pid " + std::to_string(facts[3].item<std::int64_t>()) + ") ";
   CHECK_THAT(what, Catch::Contains(worker2));
   switch (fault) {
-    case Fault::kSigkill: CHECK_THAT(what, Catch::Contains("was killed by signal 9")); break;
-    case Fault::kAbort: CHECK_THAT(what, Catch::Contains("was killed by signal 6")); break;
+    case Fault::kSigkill:
+      CHECK_THAT(what, Catch::Contains("was killed by signal 9"));
+      break;
+    case Fault::kAbort:
+      CHECK_THAT(what, Catch::Contains("was killed by signal 6"));
+      break;
     case Fault::kThrow:
       CHECK_THAT(what, Catch::Contains("exited with status 2 (it failed): ") &&
                            Catch::Contains("injected failure in the loss function"));
       break;
-    case Fault::kExit: CHECK_THAT(what, Catch::Contains("exited with status 7")); break;
-    default: break;
+    case Fault::kExit:
+      CHECK_THAT(what, Catch::Contains("exited with status 7"));
+      break;
+    default:
+      break;
   }
 }
 
@@ -424,9 +445,8 @@ TEST_CASE("When the master dies, its workers exit within the bound, also one bus
         torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
         mpu::UpdaterOptions options;
         options.worker_death_timeout = kBound;
-        mpu::MultiprocessParallelUpdater updater(net, opt, rank_iterators(3),
-                                                 faulty_loss(net, 2, 2, Fault::kSleep), cpus(3),
-                                                 options);
+        mpu::MultiprocessParallelUpdater updater(
+            net, opt, rank_iterators(3), faulty_loss(net, 2, 2, Fault::kSleep), cpus(3), options);
         updater.update();
         std::string line;
         for (int pid : updater.worker_pids()) line += std::to_string(pid) + " ";
@@ -463,10 +483,9 @@ TEST_CASE("When the master dies, its workers exit within the bound, also one bus
     for (std::size_t i = 0; i < pids.size(); ++i) {
       if (statuses[i] == -1) ::kill(pids[i], SIGKILL);
     }
-    return std::vector<torch::Tensor>{
-        torch::tensor({static_cast<std::int64_t>(elapsed.count()),
-                       static_cast<std::int64_t>(reaped)}),
-        torch::tensor(statuses)};
+    return std::vector<torch::Tensor>{torch::tensor({static_cast<std::int64_t>(elapsed.count()),
+                                                     static_cast<std::int64_t>(reaped)}),
+                                      torch::tensor(statuses)};
   });
   CHECK(out[0][1].item<std::int64_t>() == 2);
   CHECK(out[0][0].item<std::int64_t>() < kBound.count());
@@ -495,9 +514,9 @@ TEST_CASE("A rank that hangs makes the others throw Timeout, logged with collect
         auto net = make_net();
         torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
         // Rank 1 sleeps 6 s in its 2nd loss: rank 0 waits in that step's first collective.
-        mpu::DistributedUpdater updater(
-            net, opt, rank_iterator(ctx.rank),
-            faulty_loss(net, 1, 2, Fault::kSleep, milliseconds(6000)), ctx.make_communicator());
+        mpu::DistributedUpdater updater(net, opt, rank_iterator(ctx.rank),
+                                        faulty_loss(net, 1, 2, Fault::kSleep, milliseconds(6000)),
+                                        ctx.make_communicator());
         updater.update();
         if (ctx.rank == 1) {
           MPU_EXPECT_THROWS(updater.update(), mpu::CommError, "(gloo, rank 1 of 2)");
@@ -517,8 +536,8 @@ TEST_CASE("A rank that hangs makes the others throw Timeout, logged with collect
         capture.restore();
         const std::string log = capture.text();
         MPU_EXPECT(elapsed >= kTimeout * 9 / 10 && elapsed < kTimeout + milliseconds(2000),
-                   "rank 0 threw after ",
-                   std::chrono::duration_cast<milliseconds>(elapsed).count(), " ms");
+                   "rank 0 threw after ", std::chrono::duration_cast<milliseconds>(elapsed).count(),
+                   " ms");
         MPU_EXPECT(what.find("timed out after 2") != std::string::npos, what);
         const std::regex line(
             "(reduce|allreduce|reduce_scatter|broadcast|allgather) #[0-9]+ \\(gloo, rank 0 of 2\\) "
@@ -588,7 +607,8 @@ TEST_CASE("SIGTERM or SIGINT stops the master and every worker, with a final sna
       ::setpgid(0, 0);
       // A program's defaults, not the handlers Catch2 installed in the test process.
       ::signal(SIGINT, SIG_DFL);
-      ::signal(SIGTERM, SIG_DFL);  // a process group of its own, as a job in a shell: the workers join it
+      ::signal(SIGTERM,
+               SIG_DFL);  // a process group of its own, as a job in a shell: the workers join it
       int code = 99;
       try {
         auto net = make_net();
@@ -598,8 +618,7 @@ TEST_CASE("SIGTERM or SIGINT stops the master and every worker, with a final sna
           std::this_thread::sleep_for(milliseconds(5));
           return loss(b);
         };
-        mpu::MultiprocessParallelUpdater updater(net, opt, rank_iterators(2), slow_loss,
-                                                 cpus(2));
+        mpu::MultiprocessParallelUpdater updater(net, opt, rank_iterators(2), slow_loss, cpus(2));
         mpu::Trainer trainer(updater, mpu::stop_after_iterations(1000000), dir.str());
         mpu::Snapshot snap;
         if (snapshot) snap.write_on_interrupt();
@@ -614,9 +633,8 @@ TEST_CASE("SIGTERM or SIGINT stops the master and every worker, with a final sna
           trainer.run();
         } catch (const mpu::Interrupted& e) {
           const bool all_gone = count_alive(pids) == 0 && updater.worker_pids().empty();
-          write_all(fds[1], std::to_string(e.signal()) + " " +
-                                std::to_string(updater.iteration()) + " " +
-                                std::to_string(all_gone ? 1 : 0) + "\n");
+          write_all(fds[1], std::to_string(e.signal()) + " " + std::to_string(updater.iteration()) +
+                                " " + std::to_string(all_gone ? 1 : 0) + "\n");
           code = 128 + e.signal();
         }
       } catch (...) {
@@ -668,8 +686,7 @@ TEST_CASE("SIGTERM or SIGINT stops the master and every worker, with a final sna
 
 // --- 6. Bad input -------------------------------------------------------------------------------
 
-TEST_CASE("Bad input to the updaters is refused, naming the argument and the value",
-          "[faults]") {
+TEST_CASE("Bad input to the updaters is refused, naming the argument and the value", "[faults]") {
   auto net = make_net();
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
   auto loss = faulty_loss(net, -1, 0, Fault::kNone);
@@ -692,16 +709,16 @@ TEST_CASE("Bad input to the updaters is refused, naming the argument and the val
                                "iterator 1 has 60"));
   }
   SECTION("a device listed twice") {
-    CHECK_THAT(mpu_with(net, rank_iterators(3),
-                        Devs{torch::Device("cuda:0"), torch::Device("cuda:1"),
-                             torch::Device("cuda:1")}),
-               Catch::Contains("device cuda:1 is listed twice"));
+    CHECK_THAT(
+        mpu_with(net, rank_iterators(3),
+                 Devs{torch::Device("cuda:0"), torch::Device("cuda:1"), torch::Device("cuda:1")}),
+        Catch::Contains("device cuda:1 is listed twice"));
   }
   SECTION("a device that is not present") {
-    CHECK_THAT(mpu_with(net, rank_iterators(2), Devs{torch::Device("cuda:0"),
-                                                    torch::Device("cuda:63")}),
-               Catch::Contains("device cuda:63 is not present; this machine has " +
-                               std::to_string(mpu::local_gpu_count()) + " visible GPU(s)"));
+    CHECK_THAT(
+        mpu_with(net, rank_iterators(2), Devs{torch::Device("cuda:0"), torch::Device("cuda:63")}),
+        Catch::Contains("device cuda:63 is not present; this machine has " +
+                        std::to_string(mpu::local_gpu_count()) + " visible GPU(s)"));
   }
   SECTION("a model without parameters") {
     auto empty = std::make_shared<torch::nn::Module>();
@@ -726,9 +743,8 @@ TEST_CASE("Bad input to the updaters is refused, naming the argument and the val
     counting->register_parameter("steps", torch::zeros({1}, torch::kLong), false);
     const std::string expected = "parameter 'steps' has dtype Long; only floating-point";
     CHECK_THAT(mpu_with(counting, rank_iterators(2), cpus(2)), Catch::Contains(expected));
-    CHECK_THAT(
-        message_of([&] { mpu::StandardUpdater u(counting, opt, rank_iterator(0), loss); }),
-        Catch::Contains(expected) && Catch::Contains("register_buffer"));
+    CHECK_THAT(message_of([&] { mpu::StandardUpdater u(counting, opt, rank_iterator(0), loss); }),
+               Catch::Contains(expected) && Catch::Contains("register_buffer"));
   }
 }
 
@@ -746,17 +762,15 @@ TEST_CASE("CUDA initialised before the fork is refused, at construction and at t
     mpu::MultiprocessParallelUpdater built_first(net, opt, rank_iterators(2), loss, devices);
     (void)torch::cuda::device_count();  // initialises CUDA, as user code often does by accident
     const std::string at_update = message_of([&] { built_first.update(); });
-    const std::string at_construction = message_of([&] {
-      mpu::MultiprocessParallelUpdater u(net, opt, rank_iterators(2), loss, devices);
-    });
+    const std::string at_construction = message_of(
+        [&] { mpu::MultiprocessParallelUpdater u(net, opt, rank_iterators(2), loss, devices); });
     return std::vector<torch::Tensor>{text_tensor(at_update), text_tensor(at_construction)};
   });
   CHECK_THAT(tensor_text(out[0]),
              Catch::Contains("CUDA was initialised after the updater was built and before its "
                              "first update()"));
-  CHECK_THAT(tensor_text(out[1]),
-             Catch::Contains("CUDA is already initialised in this process") &&
-                 Catch::Contains("mpu::local_gpus()"));
+  CHECK_THAT(tensor_text(out[1]), Catch::Contains("CUDA is already initialised in this process") &&
+                                      Catch::Contains("mpu::local_gpus()"));
 }
 
 TEST_CASE("A snapshot of another model, or of another device count, is refused by name",
@@ -837,12 +851,11 @@ TEST_CASE("A corrupt, truncated or empty snapshot file is refused by name and si
              Catch::Contains("cannot read snapshot '" + missing + "'"));
 }
 
-TEST_CASE("Missing dataset files are refused, naming the directory and what to do",
-          "[faults]") {
+TEST_CASE("Missing dataset files are refused, naming the directory and what to do", "[faults]") {
   TempDir dir("datasets");
   const std::string nowhere = dir / "nowhere";
-  const std::string msg = message_of(
-      [&] { mpu::datasets::FashionMNIST(mpu::datasets::Split::Train, nowhere); });
+  const std::string msg =
+      message_of([&] { mpu::datasets::FashionMNIST(mpu::datasets::Split::Train, nowhere); });
   CHECK_THAT(msg, Catch::Contains("Fashion-MNIST: " + nowhere + " does not exist") &&
                       Catch::Contains("train-images-idx3-ubyte.gz") &&
                       Catch::Contains(mpu::kEnvFashionMnistDir));
@@ -864,13 +877,11 @@ TEST_CASE("The worker-death bound is checked: a negative option, a malformed var
              Catch::Contains("UpdaterOptions::worker_death_timeout must be positive, or 0 for "
                              "the default; got -5 ms"));
   ::setenv(mpu::kEnvWorkerDeathTimeout, "soon", 1);
-  const std::string malformed = message_of([&] {
-    mpu::MultiprocessParallelUpdater u(net, opt, rank_iterators(2), loss, cpus(2));
-  });
+  const std::string malformed = message_of(
+      [&] { mpu::MultiprocessParallelUpdater u(net, opt, rank_iterators(2), loss, cpus(2)); });
   ::setenv(mpu::kEnvWorkerDeathTimeout, "2.5", 1);
-  const std::string fine = message_of([&] {
-    mpu::MultiprocessParallelUpdater u(net, opt, rank_iterators(2), loss, cpus(2));
-  });
+  const std::string fine = message_of(
+      [&] { mpu::MultiprocessParallelUpdater u(net, opt, rank_iterators(2), loss, cpus(2)); });
   ::unsetenv(mpu::kEnvWorkerDeathTimeout);
   CHECK_THAT(malformed, Catch::Contains("MPU_WORKER_DEATH_TIMEOUT_SEC=\"soon\" is not a "
                                         "positive number of seconds"));
