@@ -513,9 +513,9 @@ TEST_CASE("A rank that hangs makes the others throw Timeout, logged with collect
       [&](const mpu::SpawnContext& ctx) {
         auto net = make_net();
         torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
-        // Rank 1 sleeps 6 s in its 2nd loss: rank 0 waits in that step's first collective.
+        // Rank 1 sleeps 3.5 s in its 2nd loss: rank 0 waits in that step's first collective.
         mpu::DistributedUpdater updater(net, opt, rank_iterator(ctx.rank),
-                                        faulty_loss(net, 1, 2, Fault::kSleep, milliseconds(6000)),
+                                        faulty_loss(net, 1, 2, Fault::kSleep, milliseconds(3500)),
                                         ctx.make_communicator());
         updater.update();
         if (ctx.rank == 1) {
