@@ -148,9 +148,11 @@ struct WorkerSet {
   }
 
   // "worker 2 (cpu, pid 123) was killed by signal 9 (Killed)[: <the error it sent>]".
-  static std::string describe(const Worker& w, const std::string& why) {
-    return cat("MultiprocessParallelUpdater: worker ", w.rank, " (", w.device.str(), ", pid ",
-               w.pid, ") ", describe_wait_status(w.status), why.empty() ? "" : ": ", why);
+  static std::string describe(const Worker& w, const std::string& why,
+                              const char* who = "MultiprocessParallelUpdater") {
+    return cat(who, ": worker ", w.rank, " (", w.device.str(), ", pid ", w.pid, ") ",
+               w.reaped ? describe_wait_status(w.status) : "closed its socket but is still running",
+               why.empty() ? "" : ": ", why);
   }
 
   // Throws CommError naming a dead worker, if one dies within `wait`. One death brings down
@@ -220,8 +222,8 @@ struct WorkerSet {
       why = e.what();
     }
     reap(w, bound);
-    MPU_THROW(CommError, "MultiprocessParallelUpdater::save: asking for its iterator state: ",
-              describe(w, why), w.reaped ? "" : " (it is still running but closed its socket)");
+    throw CommError(where(__FILE__, __LINE__) +
+                    describe(w, why, "MultiprocessParallelUpdater::save (iterator state)"));
   }
 
   // Asks every worker to finish, waits up to `grace` for all of them, kills the ones left, and

@@ -381,6 +381,52 @@ TEST_CASE("After a worker dies, the last snapshot is intact and resuming from it
   }
 }
 
+TEST_CASE("A worker that dies before a snapshot fails the snapshot, and the previous file is kept",
+          "[faults][multiprocess][snapshot]") {
+  TempDir dir("save");
+  const std::string path = dir / "snapshot";
+  auto out = mpu::test::run_isolated([&] {
+    at::set_num_threads(1);
+    auto net = make_net();
+    torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+    mpu::UpdaterOptions options;
+    options.worker_death_timeout = milliseconds(3000);
+    mpu::MultiprocessParallelUpdater updater(
+        net, opt, rank_iterators(2), faulty_loss(net, -1, 0, Fault::kNone), cpus(2), options);
+    mpu::Trainer trainer(updater, mpu::stop_after_iterations(10), dir.str());
+    updater.update();
+    trainer.save_snapshot(path);
+    const auto size = static_cast<std::int64_t>(fs::file_size(path));
+    updater.update();
+    const int worker = updater.worker_pids().at(0);
+    ::kill(worker, SIGKILL);
+    std::string what = "nothing was thrown";
+    try {
+      trainer.save_snapshot(path);
+    } catch (const mpu::CommError& e) {
+      what = e.what();
+    }
+    return std::vector<torch::Tensor>{
+        text_tensor(what), torch::tensor({size, static_cast<std::int64_t>(worker),
+                                          static_cast<std::int64_t>(fs::file_size(path))})};
+  });
+  const std::string what = tensor_text(out[0]);
+  INFO(what);
+  CHECK_THAT(what, Catch::Contains("MultiprocessParallelUpdater::save (iterator state): worker 1 "
+                                   "(cpu, pid " +
+                                   std::to_string(out[1][1].item<std::int64_t>()) +
+                                   ") was killed by signal 9"));
+  CHECK(out[1][2].item<std::int64_t>() == out[1][0].item<std::int64_t>());
+  // The file of the first save still loads: iteration 1.
+  auto net = make_net();
+  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+  mpu::MultiprocessParallelUpdater updater(net, opt, rank_iterators(2),
+                                           faulty_loss(net, -1, 0, Fault::kNone), cpus(2));
+  mpu::Trainer trainer(updater, mpu::stop_after_iterations(10), dir.str());
+  trainer.resume(path);
+  CHECK(updater.iteration() == 1);
+}
+
 TEST_CASE("A worker out of GPU memory makes the master throw CommError with the error text",
           "[faults][multiprocess][cuda][nccl]") {
   if (mpu::local_gpu_count() < 2) {
