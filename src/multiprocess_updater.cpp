@@ -108,6 +108,7 @@ struct WorkerSet {
   std::optional<StoreServer> store;   // Gloo only: the master serves the rendezvous
   std::unique_ptr<ChildWatch> watch;  // notices a dead worker while the master is busy
   std::chrono::milliseconds grace = kWorkerExitGrace;  // stop(): before SIGKILL
+  bool failing = false;  // stop() after a failure: close the sockets, the workers leave at once
 
   // Starts watching the workers; a death aborts the communicator once `arm`ed.
   void start_watch() {
@@ -234,6 +235,9 @@ struct WorkerSet {
       if (w.fd >= 0) {
         const char f = 'F';
         (void)::send(w.fd, &f, 1, MSG_NOSIGNAL);
+        // A worker blocked in a collective or in user code cannot read the 'F'; its watch of
+        // the master sees the socket close and ends it (status 5).
+        if (failing) ::shutdown(w.fd, SHUT_WR);
       }
     }
     const auto deadline = std::chrono::steady_clock::now() + grace;
@@ -511,6 +515,7 @@ void MultiprocessParallelUpdater::fail(const std::exception& cause) {
   const bool comm_failure = dynamic_cast<const CommError*>(&cause) != nullptr || watched_death;
   // Within the bound: half to find the dead worker, half for the others to leave.
   workers_->grace = bound / 2;
+  workers_->failing = true;
   if (comm_) comm_->abort();
   try {
     const bool timed_out = dynamic_cast<const Timeout*>(&cause) != nullptr && !watched_death;

@@ -335,6 +335,37 @@ TEST_CASE("A worker that dies makes the master throw CommError naming it, in bou
   }
 }
 
+TEST_CASE("The master's own failure stops the workers at once and passes its message on",
+          "[faults][multiprocess]") {
+  // The master's loss function throws while the workers wait for it in a collective: they are
+  // stopped through their sockets, without waiting for the (default, 10 s) bound.
+  auto out = mpu::test::run_isolated([&] {
+    at::set_num_threads(1);
+    auto net = make_net();
+    torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+    mpu::MultiprocessParallelUpdater updater(net, opt, rank_iterators(3),
+                                             faulty_loss(net, 0, 2, Fault::kThrow), cpus(3));
+    updater.update();
+    const std::vector<int> pids = updater.worker_pids();
+    std::string what = "nothing was thrown";
+    const auto start = Clock::now();
+    try {
+      updater.update();
+    } catch (const mpu::Error& e) {
+      what = e.what();
+    }
+    const auto elapsed = std::chrono::duration_cast<milliseconds>(Clock::now() - start);
+    return std::vector<torch::Tensor>{
+        text_tensor(what),
+        torch::tensor({static_cast<std::int64_t>(elapsed.count()), count_alive(pids)})};
+  });
+  const std::string what = tensor_text(out[0]);
+  INFO(what);
+  CHECK_THAT(what, Catch::Contains("injected failure in the loss function"));
+  CHECK(out[1][0].item<std::int64_t>() < mpu::kDefaultWorkerDeathTimeout.count() / 4);
+  CHECK(out[1][1].item<std::int64_t>() == 0);
+}
+
 TEST_CASE("After a worker dies, the last snapshot is intact and resuming from it continues exactly",
           "[faults][multiprocess][snapshot]") {
   constexpr int kTotal = 6;
