@@ -3,8 +3,9 @@
 // MSG_NOSIGNAL, so a dead worker is an error, not a SIGPIPE).
 //
 // Messages, master -> worker: 'R' + rendezvous (NCCL unique id, or the TCPStore port), then
-// 'U' (update), 'S' + blob (load state: parameters follow by broadcast), 'P' (send your
-// iterator state), 'F' (finish). Worker -> master: 'P' replies, and 'E' + text when the worker
+// 'U' (update), 'S' + three blobs (load state: the iterator's, the optimizer's (empty under
+// MasterStep) and the iteration; parameters follow by broadcast), 'P' (send your iterator
+// state), 'G' (join the gather of the sharded optimizer state for a save), 'F' (finish). Worker -> master: 'P' replies, and 'E' + text when the worker
 // fails, just before it exits.
 #include <poll.h>
 #include <signal.h>
@@ -14,6 +15,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -29,12 +31,11 @@
 #include "mpu/updater.h"
 #include "sync_engine.h"
 #include "updater_common.h"
+#include "worker_watch.h"
 
 namespace mpu {
 namespace detail {
 namespace {
-
-constexpr std::chrono::seconds kWorkerExitGrace{10};
 
 void write_all(int fd, const void* data, std::size_t n) {
   const char* p = static_cast<const char*>(data);
@@ -92,14 +93,6 @@ void deserialize(const std::string& blob,
   fn(archive);
 }
 
-std::string describe_status(int status) {
-  if (WIFEXITED(status)) return cat("exited with status ", WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) {
-    return cat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")");
-  }
-  return cat("ended with wait status ", status);
-}
-
 }  // namespace
 
 struct Worker {
@@ -113,7 +106,20 @@ struct Worker {
 
 struct WorkerSet {
   std::vector<Worker> workers;
-  std::optional<StoreServer> store;  // Gloo only: the master serves the rendezvous
+  std::optional<StoreServer> store;   // Gloo only: the master serves the rendezvous
+  std::unique_ptr<ChildWatch> watch;  // notices a dead worker while the master is busy
+  std::chrono::milliseconds grace = kWorkerExitGrace;  // stop(): before SIGKILL
+  bool failing = false;  // stop() after a failure: close the sockets, the workers leave at once
+
+  // Starts watching the workers; a death aborts the communicator once `arm`ed.
+  void start_watch() {
+    std::vector<pid_t> pids;
+    for (const auto& w : workers) pids.push_back(w.pid);
+    watch = std::make_unique<ChildWatch>(std::move(pids), kWorkerWatchInterval);
+  }
+  void arm(const std::shared_ptr<Communicator>& comm) {
+    if (watch) watch->arm(comm);
+  }
 
   // Reaps worker `w` if it has exited (or waits up to `wait` for it to); true when reaped.
   bool reap(Worker& w, std::chrono::milliseconds wait) {
@@ -143,27 +149,105 @@ struct WorkerSet {
     return text;
   }
 
-  // Throws CommError describing the first worker that has died, if any.
-  void raise_if_dead(std::chrono::milliseconds wait) {
-    for (auto& w : workers) {
-      if (!reap(w, wait)) continue;
-      const std::string why = error_text(w);
-      MPU_THROW(CommError, "MultiprocessParallelUpdater: worker ", w.rank, " (", w.device.str(),
-                ", pid ", w.pid, ") ", describe_status(w.status),
-                why.empty() ? std::string() : ": " + why);
-    }
+  // "worker 2 (cpu, pid 123) was killed by signal 9 (Killed)[: <the error it sent>]".
+  static std::string describe(const Worker& w, const std::string& why,
+                              const char* who = "MultiprocessParallelUpdater") {
+    return cat(who, ": worker ", w.rank, " (", w.device.str(), ", pid ", w.pid, ") ",
+               w.reaped ? describe_wait_status(w.status) : "closed its socket but is still running",
+               why.empty() ? "" : ": ", why);
   }
 
-  // Asks every worker to finish, waits, kills the ones that do not, and reaps all. noexcept.
+  // Throws CommError naming a dead worker, if one dies within `wait`. One death brings down
+  // the others (their collectives fail), so once one is found dead the others get a moment to
+  // show, and the worker blamed is one that failed on its own (killed by a signal, or its own
+  // error), the first the watch saw if it is one.
+  void raise_if_dead(std::chrono::milliseconds wait) {
+    const auto settle = std::chrono::milliseconds(200);
+    const auto start = std::chrono::steady_clock::now();
+    auto deadline = start + wait;
+    bool any = false;
+    for (;;) {
+      bool own = false;
+      for (auto& w : workers) {
+        if (reap(w, std::chrono::milliseconds(0))) {
+          any = true;
+          own = own || !is_consequential_exit(w.status);
+        }
+      }
+      const auto now = std::chrono::steady_clock::now();
+      if (own || (any && now >= deadline)) break;
+      if (!any && now >= deadline) return;
+      if (any) deadline = std::min(deadline, now + settle);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    const Worker* blame = nullptr;
+    const int first = watch ? watch->first_dead() : -1;
+    if (first >= 0 && workers[static_cast<std::size_t>(first)].reaped &&
+        !is_consequential_exit(workers[static_cast<std::size_t>(first)].status)) {
+      blame = &workers[static_cast<std::size_t>(first)];
+    }
+    for (const auto& w : workers) {
+      if (!blame && w.reaped && !is_consequential_exit(w.status)) blame = &w;
+    }
+    if (!blame && first >= 0 && workers[static_cast<std::size_t>(first)].reaped) {
+      blame = &workers[static_cast<std::size_t>(first)];
+    }
+    for (const auto& w : workers) {
+      if (!blame && w.reaped) blame = &w;
+    }
+    throw CommError(where(__FILE__, __LINE__) + describe(*blame, error_text(*blame)));
+  }
+
+  // The iterator state of worker `i`, asked for through its socket; CommError naming the
+  // worker when it is dead or does not answer within `timeout`.
+  std::string iterator_state(std::size_t i, std::chrono::milliseconds timeout,
+                             std::chrono::milliseconds bound) {
+    Worker& w = workers[i];
+    std::string why;
+    try {
+      const char p = 'P';
+      write_all(w.fd, &p, 1);
+      pollfd pfd{w.fd, POLLIN, 0};
+      const int ready = ::poll(&pfd, 1, static_cast<int>(timeout.count()));
+      char tag = 0;
+      if (ready > 0 && read_all(w.fd, &tag, 1)) {
+        if (tag == 'P') return read_blob(w.fd);
+        if (tag == 'E') why = read_blob(w.fd);
+      } else if (ready == 0) {
+        MPU_THROW(Timeout, "MultiprocessParallelUpdater::save: worker ", w.rank, " (",
+                  w.device.str(), ", pid ", w.pid, ") did not send its iterator state within ",
+                  timeout.count(), " ms");
+      }
+    } catch (const Timeout&) {
+      throw;
+    } catch (const CommError& e) {
+      why = e.what();
+    }
+    reap(w, bound);
+    throw CommError(where(__FILE__, __LINE__) +
+                    describe(w, why, "MultiprocessParallelUpdater::save (iterator state)"));
+  }
+
+  // Asks every worker to finish, waits up to `grace` for all of them, kills the ones left, and
+  // reaps all. noexcept.
   void stop() noexcept {
+    if (watch) watch->stop();
     for (auto& w : workers) {
       if (w.fd >= 0) {
         const char f = 'F';
         (void)::send(w.fd, &f, 1, MSG_NOSIGNAL);
+        // A worker blocked in a collective or in user code cannot read the 'F'; its watch of
+        // the master sees the socket close and ends it (status 5).
+        if (failing) ::shutdown(w.fd, SHUT_WR);
       }
     }
+    const auto deadline = std::chrono::steady_clock::now() + grace;
     for (auto& w : workers) {
-      if (!reap(w, kWorkerExitGrace)) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (!reap(w, std::max(left, std::chrono::milliseconds(0)))) {
+        MPU_LOG_WARN("MultiprocessParallelUpdater: worker ", w.rank, " (pid ", w.pid,
+                     ") did not exit within ", grace.count(), " ms; killing it");
         ::kill(w.pid, SIGKILL);
         reap(w, std::chrono::hours(1));
       }
@@ -268,6 +352,7 @@ MultiprocessParallelUpdater::MultiprocessParallelUpdater(
   scaling_changes_ = apply_scaling(
       optimizer_, detail::gradients_per_step(static_cast<int>(devices_.size()), options_),
       options_.scaling);
+  (void)detail::worker_death_timeout(options_);  // refuses a bad option or variable now
 }
 
 MultiprocessParallelUpdater::MultiprocessParallelUpdater(
@@ -323,6 +408,7 @@ void MultiprocessParallelUpdater::start() {
     set->workers.push_back(detail::Worker{k, devices_[k], pid, fds[0]});
   }
   workers_ = std::move(set);
+  workers_->start_watch();
 
   // Rendezvous: an NCCL unique id for GPUs, a TCPStore for CPUs, sent through the sockets.
   std::string rendezvous;
@@ -351,6 +437,7 @@ void MultiprocessParallelUpdater::start() {
   } catch (const std::exception& e) {
     fail(e);
   }
+  workers_->arm(comm_);
 }
 
 [[noreturn]] void MultiprocessParallelUpdater::run_worker(int k, int fd) noexcept {
@@ -358,6 +445,11 @@ void MultiprocessParallelUpdater::start() {
   try {
     // GNU OpenMP does not survive fork(): one intra-op thread, as torchrun's default.
     at::set_num_threads(1);
+    // Workers follow the master: they leave when it says so or when it is gone, not on the
+    // Ctrl-C or SIGTERM meant for the job, so that the master can still save their state.
+    ::signal(SIGINT, SIG_IGN);
+    ::signal(SIGTERM, SIG_IGN);
+    detail::watch_parent(::getppid(), fd, k, kWorkerWatchInterval);
     // The fork copied the master's current observation; reports here go to a private sink that
     // is emptied every step, because only the master reports.
     Observation sink;
@@ -422,7 +514,8 @@ void MultiprocessParallelUpdater::start() {
       }
     }
   } catch (const std::exception& e) {
-    code = 2;
+    code = dynamic_cast<const CommError*>(&e) != nullptr ? detail::kWorkerExitCommError
+                                                         : detail::kWorkerExitError;
     try {
       detail::send_blob(fd, 'E', e.what());
     } catch (...) {
@@ -430,7 +523,7 @@ void MultiprocessParallelUpdater::start() {
     MPU_LOG_ERROR("MultiprocessParallelUpdater worker ", k, " (", devices_[k].str(),
                   ") failed: ", e.what());
   } catch (...) {
-    code = 3;
+    code = detail::kWorkerExitError;
   }
   // Leave without running the parent's atexit handlers and static destructors.
   ::_exit(code);
@@ -439,8 +532,16 @@ void MultiprocessParallelUpdater::start() {
 void MultiprocessParallelUpdater::fail(const std::exception& cause) {
   // A failed collective usually means a worker died: name it rather than the collective.
   const std::string what = cause.what();
+  const auto bound = detail::worker_death_timeout(options_);
+  const bool watched_death = workers_->watch && workers_->watch->first_dead() >= 0;
+  const bool comm_failure = dynamic_cast<const CommError*>(&cause) != nullptr || watched_death;
+  // Within the bound: half to find the dead worker, half for the others to leave.
+  workers_->grace = bound / 2;
+  workers_->failing = true;
+  if (comm_) comm_->abort();
   try {
-    workers_->raise_if_dead(std::chrono::milliseconds(2000));
+    const bool timed_out = dynamic_cast<const Timeout*>(&cause) != nullptr && !watched_death;
+    workers_->raise_if_dead(comm_failure && !timed_out ? bound / 2 : std::chrono::milliseconds(0));
   } catch (const CommError& e) {
     std::string msg = e.what();
     if (msg.find("Autograd-and-Fork") != std::string::npos) {
@@ -507,13 +608,8 @@ void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive)
   for (std::size_t k = 1; k < iterators_.size(); ++k) {
     std::string blob;
     if (workers_) {
-      auto& w = workers_->workers[k - 1];
-      const char p = 'P';
-      detail::write_all(w.fd, &p, 1);
-      char tag = 0;
-      MPU_CHECK(detail::read_all(w.fd, &tag, 1) && tag == 'P',
-                "MultiprocessParallelUpdater: worker ", k, " did not answer the save request");
-      blob = detail::read_blob(w.fd);
+      blob =
+          workers_->iterator_state(k - 1, options_.timeout, detail::worker_death_timeout(options_));
     } else {
       blob = detail::serialize([&](auto& a) { iterators_[k]->save(a); });
     }

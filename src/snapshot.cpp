@@ -43,4 +43,15 @@ void Snapshot::operator()(Trainer& trainer) {
   }
 }
 
+void Snapshot::interrupted(Trainer& trainer) {
+  if (!on_interrupt_) return;
+  const Updater& updater = trainer.updater();
+  const auto path = std::filesystem::path(trainer.out_dir()) /
+                    format_snapshot_name(pattern_, updater.iteration(), updater.epoch());
+  if (path.string() == last_path_) return;  // this iteration's snapshot is already written
+  (*this)(trainer);
+  MPU_LOG_INFO("Snapshot: wrote '", last_path_, "' on interrupt, at iteration ",
+               updater.iteration());
+}
+
 }  // namespace mpu

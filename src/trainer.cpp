@@ -1,6 +1,7 @@
 #include "mpu/trainer.h"
 
 #include <algorithm>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <map>
@@ -10,6 +11,7 @@
 #include "atomic_file.h"
 #include "log.h"
 #include "mpu/error.h"
+#include "signal_catch.h"
 
 namespace mpu {
 namespace {
@@ -162,6 +164,17 @@ double Trainer::elapsed_time() const {
          std::chrono::duration<double>(std::chrono::steady_clock::now() - *start_).count();
 }
 
+void Trainer::interrupt(const std::vector<Entry*>& active, int signal) {
+  MPU_LOG_WARN("Trainer: received signal ", signal, " (", strsignal(signal),
+               "); stopping after iteration ", updater_.iteration());
+  for (Entry* e : active) e->extension->interrupted(*this);
+  throw Interrupted(
+      detail::where(__FILE__, __LINE__) +
+          detail::cat("Trainer::run: interrupted by signal ", signal, " (", strsignal(signal),
+                      ") after iteration ", updater_.iteration(), "; the workers are stopped"),
+      signal);
+}
+
 bool Trainer::runs_here(const Extension& extension) const {
   return updater_.is_main() || extension.all_ranks();
 }
@@ -190,9 +203,11 @@ void Trainer::run() {
   }
 
   start_ = std::chrono::steady_clock::now();
+  detail::SignalCatch signals;
   try {
     for (Entry* e : active) e->extension->initialize(*this);
     while (!stop_.reached(updater_)) {
+      if (const int sig = signals.caught()) interrupt(active, sig);
       observation_.clear();
       ObservationScope scope(observation_);
       updater_.update();

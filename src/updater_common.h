@@ -11,12 +11,38 @@
 
 namespace mpu::detail {
 
-/// Throws `InvalidArgument` when `model` has no parameter with elements.
+/// Throws `InvalidArgument` naming the parameter when one is not floating-point (integer state
+/// belongs in a buffer), or when the parameters lie on more than one device (the updaters move
+/// the whole model to one device per process: no model parallelism).
+inline void check_parameter_types(torch::nn::Module& model, const char* who) {
+  std::string first_name;
+  torch::Device first_device = torch::kCPU;
+  for (const auto& p : model.named_parameters(true)) {
+    const torch::Tensor& t = p.value();
+    MPU_CHECK(t.is_floating_point(), who, ": parameter '", p.key(), "' has dtype ",
+              c10::toString(t.scalar_type()),
+              "; only floating-point parameters (Float, Double, Half, BFloat16) can be trained. "
+              "Register integer state with register_buffer");
+    if (first_name.empty()) {
+      first_name = p.key();
+      first_device = t.device();
+    }
+    MPU_CHECK(t.device() == first_device, who, ": the parameters are on more than one device: '",
+              first_name, "' is on ", first_device.str(), ", '", p.key(), "' is on ",
+              t.device().str(),
+              ". Data-parallel updaters move the whole model to one device per process (no "
+              "model parallelism); put every parameter on one device");
+  }
+}
+
+/// Throws `InvalidArgument` when `model` has no parameter with elements, or one that
+/// `check_parameter_types` refuses.
 inline void check_has_parameters(torch::nn::Module& model, const char* who) {
   std::int64_t n = 0;
   for (const auto& p : model.parameters()) n += p.numel();
   MPU_CHECK(n > 0, who, ": the model has no parameters (", model.parameters().size(),
             " parameter tensors, 0 elements); there is nothing to train");
+  check_parameter_types(model, who);
 }
 
 /// Zeros every defined gradient in place, keeping views (unlike set_to_none).

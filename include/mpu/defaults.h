@@ -89,4 +89,18 @@ inline constexpr int kDefaultProgressBarLength = 50;
 /// Version of the snapshot layout written by Trainer::save.
 inline constexpr std::int64_t kSnapshotFormatVersion = 1;
 
+// --- Reliability (docs/reliability.md) ----------------------------------------------------------
+/// Seconds (fractions allowed) within which a MultiprocessParallelUpdater's master throws
+/// `mpu::CommError` after one of its workers has died, and within which the workers of a dead
+/// master exit. Overrides `kDefaultWorkerDeathTimeout` when `UpdaterOptions::worker_death_timeout`
+/// is left at 0.
+inline constexpr const char* kEnvWorkerDeathTimeout = "MPU_WORKER_DEATH_TIMEOUT_SEC";
+/// The default of that bound.
+inline constexpr std::chrono::milliseconds kDefaultWorkerDeathTimeout{10000};
+/// How often the master checks whether a worker has died, and a worker whether the master has.
+inline constexpr std::chrono::milliseconds kWorkerWatchInterval{50};
+/// How long `MultiprocessParallelUpdater::finalize()` waits for idle workers to leave after
+/// asking them to, before it kills them.
+inline constexpr std::chrono::milliseconds kWorkerExitGrace{10000};
+
 }  // namespace mpu

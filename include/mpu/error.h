@@ -38,6 +38,19 @@ class Timeout : public CommError {
   using CommError::CommError;
 };
 
+/// `Trainer::run()` stopped because the process received SIGINT or SIGTERM. Thrown after every
+/// worker has stopped and any snapshot asked for has been written; `signal()` says which signal.
+/// A `main()` that lets it escape dies by std::terminate; catch it and return `128 + signal()`,
+/// the status a shell reports for a process killed by that signal.
+class Interrupted : public Error {
+ public:
+  Interrupted(const std::string& what, int signal) : Error(what), signal_(signal) {}
+  int signal() const noexcept { return signal_; }
+
+ private:
+  int signal_;
+};
+
 namespace detail {
 
 /// Streams every argument into one string; `cat()` is "".

@@ -149,6 +149,15 @@ class Snapshot : public Extension {
   /// (`Updater::collective_save()`), and otherwise do nothing.
   bool all_ranks() const override { return true; }
   void operator()(Trainer& trainer) override;
+  /// Writes a final snapshot when `write_on_interrupt()` was asked for and this iteration has
+  /// none yet.
+  void interrupted(Trainer& trainer) override;
+
+  /// Also write a snapshot when the run is stopped by SIGINT or SIGTERM.
+  Snapshot& write_on_interrupt(bool write = true) {
+    on_interrupt_ = write;
+    return *this;
+  }
 
   /// The path of the last snapshot written ("" before the first).
   const std::string& last_path() const { return last_path_; }
@@ -157,6 +166,7 @@ class Snapshot : public Extension {
   std::string pattern_;
   int keep_last_;
   std::string last_path_;
+  bool on_interrupt_ = false;
 };
 
 /// A pass over evaluation data: what the Evaluator reads. An mpu::Iterator satisfies it through

@@ -104,6 +104,10 @@ class Extension {
   virtual void initialize(Trainer& trainer) {}
   virtual void operator()(Trainer& trainer) = 0;
   virtual void finalize() {}
+  /// Runs when `Trainer::run()` stops on SIGINT or SIGTERM: after the last complete iteration
+  /// (and its extensions), before `finalize()`, where the extension runs. Snapshot writes a
+  /// final snapshot here when asked to (`Snapshot::write_on_interrupt`).
+  virtual void interrupted(Trainer& trainer) {}
 
   virtual void save(torch::serialize::OutputArchive& archive) const {}
   virtual void load(torch::serialize::InputArchive& archive) {}
@@ -122,6 +126,11 @@ std::shared_ptr<Extension> make_extension(std::string name, std::function<void(T
 ///   current, `updater.update()` (the loss function's `report()` calls land in it), then run
 ///   the extensions whose triggers fire, highest priority first (ties: order of `extend`);
 ///   finally finalize the extensions and the updater.
+///
+/// Signals: while `run()` runs, SIGINT and SIGTERM (unless the program handles or ignores them
+/// itself) stop the loop before the next iteration starts: the extensions' `interrupted()` run,
+/// then their `finalize()` and the updater's (which stops every worker), and `run()` throws
+/// `mpu::Interrupted`. A second signal has its default effect. See docs/reliability.md.
 class Trainer {
  public:
   /// `out_dir` is created by `run()` in the main process.
@@ -143,7 +152,8 @@ class Trainer {
                   std::optional<Trigger> trigger = std::nullopt,
                   std::optional<int> priority = std::nullopt);
 
-  /// Runs the loop until the stop trigger is reached. Runs once per Trainer.
+  /// Runs the loop until the stop trigger is reached. Runs once per Trainer. Throws
+  /// `mpu::Interrupted` when stopped by SIGINT or SIGTERM (see the class comment).
   void run();
 
   Updater& updater() { return updater_; }
@@ -191,6 +201,7 @@ class Trainer {
   };
 
   bool runs_here(const Extension& extension) const;
+  [[noreturn]] void interrupt(const std::vector<Entry*>& active, int signal);
   void finalize_all() noexcept;
 
   Updater& updater_;

@@ -145,6 +145,12 @@ struct UpdaterOptions {
   /// Every this many iterations, compare a checksum of the flat parameters across ranks and
   /// throw `mpu::CommError` naming the first rank that differs from rank 0. 0 turns it off.
   std::int64_t drift_check_interval = 0;
+  /// MultiprocessParallelUpdater: the master throws `mpu::CommError` naming a worker at most
+  /// this long after the worker died (plus the rest of the master's own forward and backward,
+  /// when it is not waiting in a collective), with every worker reaped; a worker exits at most
+  /// this long after the master died. 0: MPU_WORKER_DEATH_TIMEOUT_SEC when set, else
+  /// `kDefaultWorkerDeathTimeout`. See docs/reliability.md.
+  std::chrono::milliseconds worker_death_timeout{0};
   /// Deadline of every collective, and of process start-up.
   std::chrono::milliseconds timeout = kDefaultCommTimeout;
 };

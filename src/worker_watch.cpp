@@ -1,0 +1,117 @@
+#include "worker_watch.h"
+
+#include <poll.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "log.h"
+#include "mpu/communicator.h"
+#include "mpu/defaults.h"
+#include "mpu/error.h"
+
+namespace mpu::detail {
+
+std::chrono::milliseconds worker_death_timeout(const UpdaterOptions& options) {
+  MPU_CHECK(options.worker_death_timeout.count() >= 0,
+            "UpdaterOptions::worker_death_timeout must be positive, or 0 for the default; got ",
+            options.worker_death_timeout.count(), " ms");
+  if (options.worker_death_timeout.count() > 0) return options.worker_death_timeout;
+  const char* text = std::getenv(kEnvWorkerDeathTimeout);
+  if (text == nullptr || *text == '\0') return kDefaultWorkerDeathTimeout;
+  char* end = nullptr;
+  errno = 0;
+  const double seconds = std::strtod(text, &end);
+  MPU_CHECK(errno == 0 && end != text && *end == '\0' && std::isfinite(seconds) && seconds > 0,
+            kEnvWorkerDeathTimeout, "=\"", text, "\" is not a positive number of seconds");
+  return std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0)));
+}
+
+std::string describe_wait_status(int status) {
+  if (WIFEXITED(status)) {
+    const int code = WEXITSTATUS(status);
+    const char* meaning = code == kWorkerExitError        ? " (it failed)"
+                          : code == kWorkerExitCommError  ? " (a collective failed)"
+                          : code == kWorkerExitMasterGone ? " (the master was gone)"
+                                                          : "";
+    return cat("exited with status ", code, meaning);
+  }
+  if (WIFSIGNALED(status)) {
+    return cat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")",
+               WCOREDUMP(status) ? ", core dumped" : "");
+  }
+  return cat("ended with wait status ", status);
+}
+
+bool is_consequential_exit(int status) {
+  return WIFEXITED(status) &&
+         (WEXITSTATUS(status) == kWorkerExitCommError ||
+          WEXITSTATUS(status) == kWorkerExitMasterGone || WEXITSTATUS(status) == kWorkerExitOk);
+}
+
+ChildWatch::ChildWatch(std::vector<pid_t> pids, std::chrono::milliseconds interval)
+    : pids_(std::move(pids)), interval_(interval) {
+  thread_ = std::thread([this] { run(); });
+}
+
+ChildWatch::~ChildWatch() {
+  stop();
+}
+
+void ChildWatch::arm(std::shared_ptr<Communicator> comm) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  comm_ = std::move(comm);
+  if (comm_ && first_dead_.load() >= 0) comm_->abort();
+}
+
+void ChildWatch::stop() noexcept {
+  stop_.store(true);
+  if (thread_.joinable()) thread_.join();
+}
+
+void ChildWatch::run() noexcept {
+  while (!stop_.load()) {
+    for (std::size_t i = 0; i < pids_.size(); ++i) {
+      siginfo_t info{};
+      // WNOWAIT: look, do not reap; the owner reaps and reads the status.
+      if (::waitid(P_PID, static_cast<id_t>(pids_[i]), &info, WEXITED | WNOHANG | WNOWAIT) != 0 ||
+          info.si_pid == 0) {
+        continue;
+      }
+      first_dead_.store(static_cast<int>(i));
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (comm_) comm_->abort();
+      return;  // one death ends the job; the owner takes over
+    }
+    std::this_thread::sleep_for(interval_);
+  }
+}
+
+void watch_parent(pid_t master_pid, int fd, int rank, std::chrono::milliseconds interval) {
+  std::thread([master_pid, fd, rank, interval] {
+    for (;;) {
+      std::this_thread::sleep_for(interval);
+      const char* why = nullptr;
+      if (::getppid() != master_pid) {
+        why = "the master process is gone (this worker was re-parented)";
+      } else {
+        pollfd p{fd, POLLRDHUP, 0};
+        if (::poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL))) {
+          why = "the master closed its end of the worker socket";
+        }
+      }
+      if (why != nullptr) {
+        MPU_LOG_ERROR("MultiprocessParallelUpdater worker ", rank, ": ", why, " (master pid ",
+                      master_pid, "); exiting with status ", kWorkerExitMasterGone);
+        ::_exit(kWorkerExitMasterGone);
+      }
+    }
+  }).detach();
+}
+
+}  // namespace mpu::detail
