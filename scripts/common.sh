@@ -27,6 +27,7 @@ mpu_install_deps() {
   local pkgs=(cmake ninja-build g++ catch2 libgloo-dev nlohmann-json3-dev libcli11-dev zlib1g-dev
               dataset-fashion-mnist libbenchmark-dev gnuplot-nox "$@")
   [ -z "$MPU_TORCH_PREFIX" ] && pkgs+=(libtorch-dev)
+  pkgs+=(doxygen)  # ctest docs.doxygen: the API reference must build without warnings
   local missing=()
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,17 +15,22 @@
 
 namespace mpu::datasets {
 
+/// Which half of an MNIST-format dataset: the training files or the t10k test files.
 enum class Split { Train, Test };
 
 /// Mean and standard deviation of the pixels of Fashion-MNIST's training images, scaled to
 /// [0, 1] (a test recomputes them from the files).
 inline constexpr double kFashionMnistMean = 0.2860;
+/// Standard deviation of the same pixels (see `kFashionMnistMean`).
 inline constexpr double kFashionMnistStd = 0.3530;
 
 /// The four files of an MNIST-format directory.
 inline constexpr const char* kTrainImagesFile = "train-images-idx3-ubyte.gz";
+/// Training labels.
 inline constexpr const char* kTrainLabelsFile = "train-labels-idx1-ubyte.gz";
+/// Test images.
 inline constexpr const char* kTestImagesFile = "t10k-images-idx3-ubyte.gz";
+/// Test labels.
 inline constexpr const char* kTestLabelsFile = "t10k-labels-idx1-ubyte.gz";
 
 /// The Fashion-MNIST directory: $FASHION_MNIST_DIR when set and not empty, otherwise
@@ -80,10 +85,14 @@ std::shared_ptr<const ImageDataset> MNIST(Split split, const std::string& dir = 
 /// the standard library's distributions.
 class Transform {
  public:
+  /// The transform itself: new data from one example's `data` and its generator.
   using Fn = std::function<torch::Tensor(const torch::Tensor& data, Rng& rng)>;
+  /// A transform called `name` (for messages) that applies `fn`, which must not be empty.
   Transform(std::string name, Fn fn);
 
+  /// Applies the transform to one example's `data`, drawing from `rng`.
   torch::Tensor operator()(const torch::Tensor& data, Rng& rng) const { return fn_(data, rng); }
+  /// The name given at construction.
   const std::string& name() const noexcept { return name_; }
 
  private:
@@ -95,7 +104,10 @@ class Transform {
 /// channel; otherwise there is one per channel. Every std must be positive.
 class Normalize : public Transform {
  public:
+  /// One `mean` and `stddev` per channel, or one of each for all channels; throws
+  /// `mpu::InvalidArgument` when the sizes differ or a stddev is not positive.
   Normalize(std::vector<double> mean, std::vector<double> stddev);
+  /// The same `mean` and `stddev` for every channel.
   Normalize(double mean, double stddev)
       : Normalize(std::vector<double>{mean}, std::vector<double>{stddev}) {}
 };
@@ -104,6 +116,7 @@ class Normalize : public Transform {
 /// at a uniformly random offset. Needs size <= H + 2*padding and W + 2*padding.
 class RandomCrop : public Transform {
  public:
+  /// Windows of `size` x `size` (> 0) after `padding` (>= 0) zeros on every side.
   RandomCrop(std::int64_t size, std::int64_t padding = 0);
 };
 
@@ -111,6 +124,7 @@ class RandomCrop : public Transform {
 /// [0, 2^32) below p * 2^32).
 class RandomHorizontalFlip : public Transform {
  public:
+  /// Flips with probability `p`, in [0, 1].
   explicit RandomHorizontalFlip(double p = 0.5);
 };
 
@@ -125,9 +139,11 @@ class RandomHorizontalFlip : public Transform {
 /// are the same for every sharding.
 class TransformedDataset final : public Dataset {
  public:
+  /// `base` (not null) with `transforms` applied in order; `seed` keys every example's generator.
   TransformedDataset(DatasetPtr base, std::vector<Transform> transforms, std::uint64_t seed = 0);
 
   std::int64_t size() const override { return base_->size(); }
+  /// The untransformed dataset.
   const DatasetPtr& base() const noexcept { return base_; }
 
  protected:

@@ -21,23 +21,39 @@ inline constexpr std::chrono::seconds kDefaultCommTimeout{300};
 inline constexpr std::chrono::milliseconds kCommPollInterval{1};
 
 // --- Launch (torchrun, SLURM, Open MPI) ----------------------------------------------------------
+/// torchrun: the global rank of this process.
 inline constexpr const char* kEnvRank = "RANK";
+/// torchrun: the number of ranks in the job.
 inline constexpr const char* kEnvWorldSize = "WORLD_SIZE";
+/// torchrun: the rank of this process on its node (its GPU index by default).
 inline constexpr const char* kEnvLocalRank = "LOCAL_RANK";
+/// torchrun: the number of ranks on this node.
 inline constexpr const char* kEnvLocalWorldSize = "LOCAL_WORLD_SIZE";
+/// Host of the rendezvous store, for every launcher.
 inline constexpr const char* kEnvMasterAddr = "MASTER_ADDR";
+/// Port of the rendezvous store, for every launcher (default `kDefaultMasterPort`).
 inline constexpr const char* kEnvMasterPort = "MASTER_PORT";
+/// SLURM (srun): the global rank.
 inline constexpr const char* kEnvSlurmProcId = "SLURM_PROCID";
+/// SLURM: the number of ranks.
 inline constexpr const char* kEnvSlurmNTasks = "SLURM_NTASKS";
+/// SLURM: the rank on this node.
 inline constexpr const char* kEnvSlurmLocalId = "SLURM_LOCALID";
+/// SLURM: ranks per node, when the job gives one number for all nodes.
 inline constexpr const char* kEnvSlurmNTasksPerNode = "SLURM_NTASKS_PER_NODE";
+/// SLURM: the job's nodes; without MASTER_ADDR and SLURM_STEP_NODELIST, its first is the master.
 inline constexpr const char* kEnvSlurmNodeList = "SLURM_JOB_NODELIST";
+/// Open MPI (mpirun): the global rank.
 inline constexpr const char* kEnvOmpiRank = "OMPI_COMM_WORLD_RANK";
+/// Open MPI: the number of ranks.
 inline constexpr const char* kEnvOmpiSize = "OMPI_COMM_WORLD_SIZE";
+/// Open MPI: the rank on this node.
 inline constexpr const char* kEnvOmpiLocalRank = "OMPI_COMM_WORLD_LOCAL_RANK";
+/// Open MPI: the number of ranks on this node.
 inline constexpr const char* kEnvOmpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
 /// The rendezvous port when MASTER_PORT is unset.
 inline constexpr int kDefaultMasterPort = 29500;
+/// The GPUs CUDA may use; `local_gpu_count()` applies it to NVML's count.
 inline constexpr const char* kEnvCudaVisibleDevices = "CUDA_VISIBLE_DEVICES";
 
 // --- Communicators and launch (communicator.h, launch.h) --------------------------------------
@@ -50,9 +66,11 @@ inline constexpr const char* kEnvNcclBlocking = "MPU_NCCL_BLOCKING";
 inline constexpr const char* kEnvGlooSocketIfname = "GLOO_SOCKET_IFNAME";
 /// Set to "True" by torchrun when its agent hosts the store at MASTER_ADDR:MASTER_PORT.
 inline constexpr const char* kEnvTorchelasticUseAgentStore = "TORCHELASTIC_USE_AGENT_STORE";
+/// torchrun: how often the agent restarted the job; part of the store prefix.
 inline constexpr const char* kEnvTorchelasticRestartCount = "TORCHELASTIC_RESTART_COUNT";
 /// SLURM's per-node task counts ("4(x2),3") and this node's index in the step.
 inline constexpr const char* kEnvSlurmTasksPerNode = "SLURM_TASKS_PER_NODE";
+/// SLURM: this node's index in the job step.
 inline constexpr const char* kEnvSlurmNodeId = "SLURM_NODEID";
 /// The nodes of this job step, preferred over SLURM_JOB_NODELIST for the master address.
 inline constexpr const char* kEnvSlurmStepNodeList = "SLURM_STEP_NODELIST";

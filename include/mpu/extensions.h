@@ -38,9 +38,13 @@ namespace mpu {
 /// part of a snapshot.
 class LogReport : public Extension {
  public:
+  /// One row of the log.
   struct Entry {
+    /// Completed epochs when the row was made.
     std::int64_t epoch = 0;
+    /// Completed iterations when the row was made.
     std::int64_t iteration = 0;
+    /// Seconds of training (the Trainer's clock, continued across resumes).
     double elapsed_time = 0.0;
     /// Mean of each observed key over the interval.
     std::map<std::string, double> values;
@@ -49,6 +53,7 @@ class LogReport : public Extension {
   /// `keys`: the observation keys to log (empty: all). `filename`: "" writes no file.
   explicit LogReport(std::vector<std::string> keys = {}, Trigger trigger = every_epochs(1),
                      std::string filename = kDefaultLogFilename);
+  /// Logs every key, a row each time `trigger` fires.
   explicit LogReport(Trigger trigger, std::string filename = kDefaultLogFilename);
 
   std::string name() const override { return "LogReport"; }
@@ -60,6 +65,7 @@ class LogReport : public Extension {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
+  /// The rows made so far.
   const std::vector<Entry>& log() const { return log_; }
   /// The log as the JSON text written to the file.
   std::string to_json() const;
@@ -105,6 +111,7 @@ class PrintReport : public Extension {
 /// over the last interval.
 class ProgressBar : public Extension {
  public:
+  /// Writes to std::cout every `update_interval` iterations, with a bar of `bar_length` characters.
   explicit ProgressBar(std::int64_t update_interval = kDefaultProgressUpdateInterval,
                        int bar_length = kDefaultProgressBarLength);
 
@@ -139,6 +146,7 @@ class ProgressBar : public Extension {
 /// extension of the iteration, so the snapshot holds this iteration's log row.
 class Snapshot : public Extension {
  public:
+  /// Names files by `filename_pattern` ("{iteration}" and "{epoch}" replaced) and keeps the last `keep_last`.
   explicit Snapshot(std::string filename_pattern = kDefaultSnapshotPattern,
                     int keep_last = kDefaultSnapshotKeepLast);
 
@@ -183,6 +191,7 @@ class BatchSource {
 /// A BatchSource over batches held in memory.
 class VectorBatchSource : public BatchSource {
  public:
+  /// Serves `batches` in order, every epoch.
   explicit VectorBatchSource(std::vector<Batch> batches) : batches_(std::move(batches)) {}
   void reset() override { position_ = 0; }
   std::optional<Batch> next() override {
@@ -210,6 +219,7 @@ class VectorBatchSource : public BatchSource {
 /// `mpu::InvalidArgument` otherwise.
 class IteratorBatchSource : public BatchSource {
  public:
+  /// Serves `iterator`, which must not repeat.
   explicit IteratorBatchSource(std::shared_ptr<Iterator> iterator);
   void reset() override;
   std::optional<Batch> next() override;
@@ -218,10 +228,19 @@ class IteratorBatchSource : public BatchSource {
   std::shared_ptr<Iterator> iterator_;
 };
 
+/// Evaluates the model on a validation set: one pass over `source` in eval mode under
+/// `torch::NoGradGuard`, calling `loss_fn` on each batch (moved to the updater's device) with the
+/// reporter prefix "<name>/main", so that `mpu::report("loss", l)` becomes
+/// "validation/main/loss". Each key's mean is weighted by batch size. Under a multi-rank updater
+/// it runs on every rank, each on its own source, and the means are taken over all ranks' examples
+/// (a collective; the ranks must report the same keys, or it throws `mpu::InvalidArgument`).
 class Evaluator : public Extension {
  public:
+  /// Computes and reports the loss of one batch; the returned tensor is ignored.
   using LossFn = std::function<torch::Tensor(const Batch&)>;
 
+  /// Evaluates every batch of `source`. Throws `mpu::InvalidArgument` when `source` is null,
+  /// `loss_fn` is empty or `name` is empty.
   Evaluator(std::shared_ptr<BatchSource> source, LossFn loss_fn, std::string name = "validation");
   /// Evaluates one epoch of `iterator` (see `IteratorBatchSource`).
   Evaluator(std::shared_ptr<Iterator> iterator, LossFn loss_fn, std::string name = "validation")
@@ -257,6 +276,7 @@ class Evaluator : public Extension {
 /// part of a snapshot.
 class PlotReport : public Extension {
  public:
+  /// Plots `y_keys` against `x_key` ("epoch" or "iteration"), a point each time `trigger` fires.
   explicit PlotReport(std::vector<std::string> y_keys, std::string x_key = "epoch",
                       Trigger trigger = every_epochs(1),
                       std::string filename = kDefaultPlotFilename);

@@ -41,6 +41,7 @@ struct FlatEntry {
   std::string name;         ///< from named_parameters(), or "0", "1", ... for a tensor list
   std::int64_t offset = 0;  ///< index of its first element in the flat buffer
   std::int64_t numel = 0;   ///< its number of elements (never 0: empty tensors are skipped)
+  /// the tensor's shape
   std::vector<std::int64_t> shape;
   torch::Dtype dtype = torch::kFloat;  ///< the parameter's own dtype
 };
@@ -115,7 +116,9 @@ class FlatBuffer {
   explicit FlatBuffer(const std::vector<std::pair<std::string, torch::Tensor>>& named,
                       FlatBufferOptions options = {});
   ~FlatBuffer();
+  /// Moves the layout and its buffers; the moved-from FlatBuffer may only be destroyed or assigned.
   FlatBuffer(FlatBuffer&&) noexcept;
+  /// Moves the layout and its buffers; the moved-from FlatBuffer may only be destroyed or assigned.
   FlatBuffer& operator=(FlatBuffer&&) noexcept;
   FlatBuffer(const FlatBuffer&) = delete;
   FlatBuffer& operator=(const FlatBuffer&) = delete;
@@ -142,6 +145,7 @@ class FlatBuffer {
   std::int64_t numel() const;
   /// Number of entries (tensors packed).
   std::size_t size() const;
+  /// Where each packed tensor lies in the flat buffer, in layout order.
   const std::vector<FlatEntry>& entries() const;
   /// The packed tensors, in layout order.
   const std::vector<torch::Tensor>& tensors() const;
@@ -161,6 +165,7 @@ class FlatBuffer {
   /// gradients are views of. Writing it writes the gradients.
   const torch::Tensor& flat_grad() const;
 
+  /// The counters so far.
   FlatBufferStats stats() const;
 
   /// True when every element of `flat` is finite (no inf, no NaN). One pass; on CUDA it waits

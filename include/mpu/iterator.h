@@ -81,7 +81,11 @@ class Dataset {
   Batch get_batch(const std::vector<std::int64_t>& indices, std::int64_t epoch = 0) const;
 
  protected:
+  /// Example `index` as served in epoch `epoch` (the epoch seeds per-example random transforms).
+  /// Called by `get()` after the range check; must be thread-safe and deterministic.
   virtual Batch do_get(std::int64_t index, std::int64_t epoch) const = 0;
+  /// The examples `indices` (epochs as in `get_batch()`), stacked along dim 0. The default calls
+  /// `do_get()` for each and stacks; a dataset held as one tensor overrides it with one `index_select`.
   virtual Batch do_get_batch(const std::vector<std::int64_t>& indices,
                              const std::vector<std::int64_t>& epochs) const;
 };
@@ -98,7 +102,9 @@ class TensorDataset final : public Dataset {
   TensorDataset(torch::Tensor data, torch::Tensor targets);
 
   std::int64_t size() const override { return data_.size(0); }
+  /// The data tensor, example i at index i of dim 0.
   const torch::Tensor& data() const noexcept { return data_; }
+  /// The targets tensor, example i at index i of dim 0.
   const torch::Tensor& targets() const noexcept { return targets_; }
 
  protected:
@@ -119,6 +125,7 @@ class SubsetDataset final : public Dataset {
   SubsetDataset(DatasetPtr base, std::vector<std::int64_t> indices);
 
   std::int64_t size() const override { return static_cast<std::int64_t>(indices_.size()); }
+  /// The dataset this view selects from.
   const DatasetPtr& base() const noexcept { return base_; }
   /// The base indices this view serves, in order.
   const std::vector<std::int64_t>& indices() const noexcept { return indices_; }
@@ -139,6 +146,7 @@ class SubsetDataset final : public Dataset {
 template <typename D>
 class TorchDatasetAdapter final : public Dataset {
  public:
+  /// Takes `dataset` by value. Throws `mpu::InvalidArgument` when its `size()` is unknown.
   explicit TorchDatasetAdapter(D dataset) : dataset_(std::move(dataset)) {
     const auto n = dataset_.size();
     MPU_CHECK(n.has_value(),
@@ -207,6 +215,7 @@ inline constexpr std::uint64_t kSplitStream = 0x73706c6974ULL;  // "split"
 /// `Iterator(dataset, 128)`, `Iterator(dataset,
 /// IteratorOptions(512).shuffle(false).repeat(false))`.
 struct IteratorOptions {
+  /// Options with `batch_size` examples per batch and every other option at its default.
   /* implicit */ IteratorOptions(std::int64_t batch_size) : batch_size_(batch_size) {}
 
   /// Examples per batch; at least 1.
@@ -270,9 +279,13 @@ struct PrefetcherDeleter {
 /// An Iterator is used by one thread at a time. It is movable, not copyable.
 class Iterator {
  public:
+  /// Iterates over `dataset` (not null, not empty) with `options`; starts no thread. Throws
+  /// `mpu::InvalidArgument` naming the problem otherwise.
   Iterator(DatasetPtr dataset, IteratorOptions options);
   ~Iterator() noexcept;
+  /// Takes over the position and any prefetch thread.
   Iterator(Iterator&&) noexcept;
+  /// Releases this iterator's state as the destructor does, then takes over the other's.
   Iterator& operator=(Iterator&&) noexcept;
   Iterator(const Iterator&) = delete;
   Iterator& operator=(const Iterator&) = delete;
@@ -298,9 +311,13 @@ class Iterator {
   /// construction.
   void reset();
 
+  /// Examples per batch (`IteratorOptions::batch_size`).
   std::int64_t batch_size() const noexcept { return options_.batch_size(); }
+  /// Number of examples in the dataset: N.
   std::int64_t dataset_size() const noexcept { return size_; }
+  /// The options it was built with.
   const IteratorOptions& options() const noexcept { return options_; }
+  /// The dataset it iterates over.
   const DatasetPtr& dataset() const noexcept { return dataset_; }
 
   /// Writes the keys "epoch", "position", "iteration", "is_new_epoch", "dataset_size", "seed"
@@ -333,6 +350,7 @@ class Iterator {
   std::unique_ptr<detail::Prefetcher, detail::PrefetcherDeleter> prefetcher_;
 };
 
+/// Iterators are shared between the updater, the Trainer and the user: they travel as shared pointers.
 using IteratorPtr = std::shared_ptr<Iterator>;
 
 /// Chainer's recipe for MultiprocessParallelUpdater: `split_dataset_n_random(dataset, n, seed)`

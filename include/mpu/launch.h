@@ -73,18 +73,24 @@ const char* to_string(Launcher launcher);
 
 /// What the launcher told this process.
 struct LaunchInfo {
+  /// The launcher whose variables were found.
   Launcher launcher = Launcher::kNone;
+  /// Global rank, in [0, world_size).
   int rank = 0;
+  /// Number of ranks in the job.
   int world_size = 1;
+  /// Rank on this node, in [0, local_world_size); the GPU index by default.
   int local_rank = 0;
   /// Ranks on this node; 0 when the launcher does not say.
   int local_world_size = 1;
   /// Host of the rendezvous store (rank 0's host, or torchrun's agent).
   std::string master_addr = "127.0.0.1";
+  /// Port of the rendezvous store.
   int master_port = kDefaultMasterPort;
   /// torchrun hosts the store in its agent (TORCHELASTIC_USE_AGENT_STORE=True): every rank is a
   /// client, under the prefix "/worker/attempt_<restart_count>", as torch.distributed does.
   bool use_agent_store = false;
+  /// torchrun's restart count (TORCHELASTIC_RESTART_COUNT), 0 otherwise.
   int restart_count = 0;
 };
 
@@ -124,14 +130,19 @@ struct InitOptions {
   c10::optional<torch::Device> device;
   /// The launcher environment; unset: `launch_info_from_env()`.
   c10::optional<LaunchInfo> info;
+  /// Deadline of the rendezvous and of every collective of the communicator.
   std::chrono::milliseconds timeout = comm_timeout();
 };
 
 /// A rank of a job started by a launcher.
 struct Distributed {
+  /// What the launcher told this process.
   LaunchInfo info;
+  /// This rank's device (see `InitOptions::device`).
   torch::Device device = torch::kCPU;
+  /// A client of the rendezvous store, shared by every rank; usable for further communicators.
   StorePtr store;
+  /// This rank's communicator: NCCL on a GPU, Gloo on the CPU.
   std::shared_ptr<Communicator> comm;
 };
 
@@ -146,11 +157,15 @@ Distributed init(const InitOptions& options = {});
 
 /// What each rank of `spawn()` is given.
 struct SpawnContext {
+  /// This rank, in [0, world_size).
   int rank = 0;
+  /// The number of ranks `spawn()` forked.
   int world_size = 1;
+  /// This rank's device: `SpawnOptions::devices[rank]`.
   torch::Device device = torch::kCPU;
   /// A client of the TCPStore the parent serves; null when `SpawnOptions::store` is false.
   StorePtr store;
+  /// `SpawnOptions::timeout`, for this rank's communicators.
   std::chrono::milliseconds timeout = comm_timeout();
 
   /// `make_communicator(device, store, rank, world_size, timeout)`.

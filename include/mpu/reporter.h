@@ -32,6 +32,7 @@ void report(const std::string& key, double value);
 /// previous one. (Chainer's `reporter.scope(observation)`.)
 class ObservationScope {
  public:
+  /// Makes `observation`, which must outlive the scope, the current observation.
   explicit ObservationScope(Observation& observation) noexcept;
   ~ObservationScope() noexcept;
   ObservationScope(const ObservationScope&) = delete;
@@ -47,6 +48,7 @@ class ObservationScope {
 /// "validation/main" (its name + "/main").
 class ReportScope {
  public:
+  /// Opens `prefix` (not empty) inside the current prefix.
   explicit ReportScope(const std::string& prefix);
   ~ReportScope() noexcept;
   ReportScope(const ReportScope&) = delete;
@@ -72,10 +74,12 @@ class Summary {
  public:
   /// Adds `value` (one element) with `weight` (> 0).
   void add(const torch::Tensor& value, double weight = 1.0);
+  /// Adds a host `value` with `weight` (> 0).
   void add(double value, double weight = 1.0);
   /// A summary whose weighted sum is `sum` and total weight is `weight` (used by resume).
   static Summary restore(double sum, double weight);
 
+  /// True when nothing was added.
   bool empty() const { return weight_ == 0.0; }
   /// The total weight added.
   double weight() const { return weight_; }
@@ -97,14 +101,19 @@ class DictSummary {
  public:
   /// Adds every value of `observation` with `weight`.
   void add(const Observation& observation, double weight = 1.0);
+  /// Adds one `value` under `key` with `weight`.
   void add(const std::string& key, const torch::Tensor& value, double weight = 1.0);
 
   /// The mean of every key; synchronises with the device.
   std::map<std::string, double> mean() const;
 
+  /// True when nothing was added since construction or `clear()`.
   bool empty() const { return summaries_.empty(); }
+  /// Forgets every key.
   void clear() { summaries_.clear(); }
+  /// The Summary of each key.
   const std::map<std::string, Summary>& summaries() const { return summaries_; }
+  /// The Summary of each key, mutable (for restoring a snapshot).
   std::map<std::string, Summary>& summaries() { return summaries_; }
 
  private:

@@ -40,6 +40,7 @@ enum class Reduction {
 
 /// The gradient reduction and whether the optimizer is rescaled for it.
 struct ScalingPolicy {
+  /// How the gradients are combined over the processes.
   Reduction reduction = Reduction::kSum;
   /// Apply the optimizer's rescaling rule. Only meaningful with `Reduction::kSum`.
   bool rescale = true;
@@ -57,7 +58,9 @@ struct ScalingChange {
   std::string optimizer;  ///< "SGD", "Adam", ... or the registered name
   std::size_t group = 0;  ///< index into `param_groups()`
   std::string option;     ///< "lr", "eps", ...
+  /// the option's value before the rule
   double before = 0;
+  /// the option's value after the rule
   double after = 0;
 };
 

@@ -23,6 +23,7 @@ namespace mpu {
 
 class Trainer;
 
+/// What an `IntervalTrigger` counts: iterations (`update()` calls) or epochs of the main iterator.
 enum class TriggerUnit { kIteration, kEpoch };
 
 /// A period of `period` iterations or epochs. Stateless: whether it fires depends only on the
@@ -32,7 +33,9 @@ class IntervalTrigger {
   /// `period` must be positive.
   IntervalTrigger(std::int64_t period, TriggerUnit unit);
 
+  /// The number of iterations or epochs between two firings.
   std::int64_t period() const { return period_; }
+  /// Whether `period()` counts iterations or epochs.
   TriggerUnit unit() const { return unit_; }
 
   /// True right after the update that completes a multiple of `period` iterations
@@ -51,9 +54,11 @@ class IntervalTrigger {
 
 /// Fires every `n` iterations / epochs.
 IntervalTrigger every_iterations(std::int64_t n);
+/// Fires at the end of every `n`-th epoch.
 IntervalTrigger every_epochs(std::int64_t n);
 /// Stop after `n` iterations / epochs (the same triggers, read as "stop once reached").
 IntervalTrigger stop_after_iterations(std::int64_t n);
+/// Stops once `n` epochs are complete.
 IntervalTrigger stop_after_epochs(std::int64_t n);
 
 /// When an extension runs: an IntervalTrigger, or any `bool(const Trainer&)` predicate.
@@ -61,9 +66,11 @@ class Trigger {
  public:
   /// Implicit, so that `every_epochs(1)` and a lambda both convert to a Trigger.
   Trigger(IntervalTrigger interval);
+  /// A trigger that fires when `predicate(trainer)` is true. Implicit, like the other constructor.
   template <typename F, std::enable_if_t<std::is_invocable_r_v<bool, F&, const Trainer&>, int> = 0>
   Trigger(F predicate) : predicate_(std::move(predicate)) {}
 
+  /// True when the extension should run after the current update.
   bool operator()(const Trainer& trainer) const;
   /// The interval, when this trigger is one.
   const std::optional<IntervalTrigger>& interval() const { return interval_; }
@@ -76,7 +83,9 @@ class Trigger {
 /// Extension priorities, as in Chainer: higher runs first within an iteration. Writers add to
 /// the observation (Evaluator), editors summarise it (LogReport), readers only read it.
 inline constexpr int kPriorityWriter = 300;
+/// Priority of extensions that summarise the observation (LogReport).
 inline constexpr int kPriorityEditor = 200;
+/// Priority of extensions that only read (PrintReport, ProgressBar, PlotReport); the default.
 inline constexpr int kPriorityReader = 100;
 /// Snapshot runs after everything else, so that its state includes this iteration's log row.
 inline constexpr int kPrioritySnapshot = -100;
@@ -96,20 +105,28 @@ class Extension {
 
   /// The default name; duplicates get "_1", "_2", ... The snapshot stores state by name.
   virtual std::string name() const = 0;
+  /// When the extension runs unless `Trainer::extend` is given a trigger; every iteration by default.
   virtual Trigger default_trigger() const { return every_iterations(1); }
+  /// Higher runs first within an iteration; `kPriorityReader` by default.
   virtual int priority() const { return kPriorityReader; }
   /// True when the extension runs on every rank, not only where `updater.is_main()`.
   virtual bool all_ranks() const { return false; }
 
+  /// Runs once at the start of `Trainer::run()`, after any resume.
   virtual void initialize(Trainer& trainer) {}
+  /// Runs after an update when the trigger fires.
   virtual void operator()(Trainer& trainer) = 0;
+  /// Runs once at the end of `Trainer::run()`. When `run()` ends with an exception, what `finalize()`
+  /// throws is logged, and the first exception propagates.
   virtual void finalize() {}
   /// Runs when `Trainer::run()` stops on SIGINT or SIGTERM: after the last complete iteration
   /// (and its extensions), before `finalize()`, where the extension runs. Snapshot writes a
   /// final snapshot here when asked to (`Snapshot::write_on_interrupt`).
   virtual void interrupted(Trainer& trainer) {}
 
+  /// Writes the state a resume needs into `archive` (its own sub-archive). Runs on every rank.
   virtual void save(torch::serialize::OutputArchive& archive) const {}
+  /// Restores what `save()` wrote. Runs on every rank.
   virtual void load(torch::serialize::InputArchive& archive) {}
 };
 
@@ -156,18 +173,25 @@ class Trainer {
   /// `mpu::Interrupted` when stopped by SIGINT or SIGTERM (see the class comment).
   void run();
 
+  /// The updater the Trainer drives.
   Updater& updater() { return updater_; }
+  /// The updater the Trainer drives.
   const Updater& updater() const { return updater_; }
+  /// When `run()` stops.
   const IntervalTrigger& stop_trigger() const { return stop_; }
+  /// Where the extensions write their files (created by `run()`).
   const std::string& out_dir() const { return out_dir_; }
   /// Seconds of training, including the time before a resume.
   double elapsed_time() const;
   /// The current iteration's observation.
   Observation& observation() { return observation_; }
+  /// The current iteration's observation.
   const Observation& observation() const { return observation_; }
 
   /// The extension registered under `name`, or nullptr.
   std::shared_ptr<Extension> get_extension(const std::string& name) const;
+  /// The extension registered under `name` as an `E`, or nullptr when there is none or it is
+  /// not an `E`.
   template <typename E>
   std::shared_ptr<E> get_extension(const std::string& name) const {
     return std::dynamic_pointer_cast<E>(get_extension(name));

@@ -39,10 +39,15 @@ class Updater {
  public:
   virtual ~Updater() = default;
 
+  /// Runs one training iteration (see the class contract).
   virtual void update() = 0;
+  /// Completed `update()` calls, including those before a resume.
   virtual std::int64_t iteration() const = 0;
+  /// Completed epochs of the main iterator.
   virtual std::int64_t epoch() const = 0;
+  /// Epochs as a fraction: `epoch()` plus the share of the current epoch already served.
   virtual double epoch_detail() const = 0;
+  /// True right after the `update()` whose batch crossed an epoch end.
   virtual bool is_new_epoch() const = 0;
 
   /// True in the process where extensions run.
@@ -59,9 +64,12 @@ class Updater {
   /// The model being trained (on this process).
   virtual torch::nn::Module& model() = 0;
 
+  /// Writes model, optimizer, iterator position and iteration count into `archive`.
   virtual void save(torch::serialize::OutputArchive& archive) const = 0;
+  /// Restores what `save()` wrote; the next `update()` continues exactly where it was saved.
   virtual void load(torch::serialize::InputArchive& archive) = 0;
 
+  /// Releases processes and communicators. Idempotent; the destructor calls it too.
   virtual void finalize() {}
 
   /// True when `save()` is collective: every rank must call it (Strategy::kSharded under a
@@ -126,6 +134,7 @@ struct UpdaterOptions {
   /// fp16 gradients are multiplied by 1/n before the cast and by n after the sum, so that a sum
   /// over n ranks cannot overflow where one rank's gradient does not.
   torch::Dtype wire_dtype = torch::kFloat;
+  /// How a step is synchronised across processes (see `Strategy`).
   Strategy strategy = Strategy::kMasterStep;
   /// Gradients are communicated in buckets of about this many bytes (of the wire dtype), each
   /// as soon as backward has produced it. 0 means one bucket after backward (no overlap).
@@ -172,7 +181,9 @@ class StandardUpdater : public Updater {
   bool is_new_epoch() const override;
   torch::Device device() const override { return device_; }
   torch::nn::Module& model() override { return *model_; }
+  /// The optimizer, as passed in.
   torch::optim::Optimizer& optimizer() { return optimizer_; }
+  /// The iterator, as passed in.
   Iterator& iterator() { return *iterator_; }
 
   void save(torch::serialize::OutputArchive& archive) const override;
@@ -242,7 +253,9 @@ class MultiprocessParallelUpdater : public Updater {
   int world_size() const override { return static_cast<int>(devices_.size()); }
   torch::Device device() const override { return devices_.front(); }
   torch::nn::Module& model() override { return *model_; }
+  /// The master's optimizer (rescaled at construction).
   torch::optim::Optimizer& optimizer() { return optimizer_; }
+  /// The devices, the master's first.
   const std::vector<torch::Device>& devices() const { return devices_; }
   /// The changes the rescaling made at construction.
   const std::vector<ScalingChange>& scaling_changes() const { return scaling_changes_; }
@@ -287,6 +300,11 @@ class MultiprocessParallelUpdater : public Updater {
 /// parameters and buffers (BatchNorm running statistics, say) from rank 0.
 class DistributedUpdater : public Updater {
  public:
+  /// Collective: every rank calls it, with its own `model`, `optimizer` (holding the model's
+  /// parameters, outliving the updater) and `iterator` (this rank's shard, for example from
+  /// `shard_iterator`). `comm` is the rank's communicator (`mpu::init().comm`, or
+  /// `SpawnContext::make_communicator()`). Throws `mpu::InvalidArgument` when an argument is null
+  /// or the ranks' models differ, and `mpu::CommError`/`mpu::Timeout` when a rank fails.
   DistributedUpdater(std::shared_ptr<torch::nn::Module> model, torch::optim::Optimizer& optimizer,
                      std::shared_ptr<Iterator> iterator, LossFunction loss_fn,
                      std::shared_ptr<Communicator> comm, UpdaterOptions options = {});
@@ -303,7 +321,9 @@ class DistributedUpdater : public Updater {
   Communicator* communicator() override { return comm_.get(); }
   torch::Device device() const override;
   torch::nn::Module& model() override { return *model_; }
+  /// This rank's optimizer (rescaled at construction).
   torch::optim::Optimizer& optimizer() { return optimizer_; }
+  /// The changes the rescaling made at construction.
   const std::vector<ScalingChange>& scaling_changes() const { return scaling_changes_; }
   /// Bytes of optimizer state this rank holds: about 1/n of the whole under Strategy::kSharded.
   std::int64_t optimizer_state_bytes() const;
