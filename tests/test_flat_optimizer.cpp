@@ -287,6 +287,11 @@ void run_equality(torch::Device device, const std::vector<torch::Dtype>& dtypes)
   for (const auto dtype : dtypes) {
     for (const int split_at : {3, -1}) {
       for (const auto& c : all_cases()) {
+        // fp16 on the CPU: LibTorch 1.13 steps only SGD; 2.11 steps all, but its scalar tails
+        // round Adam's and RMSprop's tiny denominators (eps 1e-8 is 0 in fp16) differently from
+        // the vectorised body, so the plain step itself is not reproducible element for element.
+        // Compare SGD there; CUDA compares every optimizer in every dtype bit for bit.
+        if (dtype == torch::kHalf && device.is_cpu() && c.name.rfind("SGD", 0) != 0) continue;
         const std::string what = c.name + " " + dtype_name(dtype) +
                                  (split_at < 0 ? " (groups interleaved)" : " (groups in blocks)");
         INFO(what);
