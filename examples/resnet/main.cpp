@@ -580,6 +580,10 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     std::cerr << kProgram << ": " << e.what() << "\n";
     return kExitUsage;
+  } catch (const mpu::Interrupted& e) {
+    // The status a shell reports for a process killed by that signal.
+    std::cerr << kProgram << ": " << e.what() << "\n";
+    return 128 + e.signal();
   } catch (const std::exception& e) {
     std::cerr << kProgram << ": " << e.what() << "\n";
     return kExitFailure;

@@ -44,7 +44,9 @@ class Timeout : public CommError {
 /// the status a shell reports for a process killed by that signal.
 class Interrupted : public Error {
  public:
+  /// `what` is the message; `signal` the number of the signal received (SIGINT or SIGTERM).
   Interrupted(const std::string& what, int signal) : Error(what), signal_(signal) {}
+  /// The signal that stopped the training.
   int signal() const noexcept { return signal_; }
 
  private:

@@ -74,7 +74,9 @@ class FlatOptimizer {
   FlatOptimizer(torch::optim::Optimizer& optimizer, torch::Tensor flat_param,
                 torch::Tensor flat_grad, std::int64_t begin = 0, std::int64_t end = -1);
   ~FlatOptimizer();
+  /// Moves the flat state and the optimizer reference; the moved-from object must not step.
   FlatOptimizer(FlatOptimizer&&) noexcept;
+  /// As the move constructor.
   FlatOptimizer& operator=(FlatOptimizer&&) noexcept;
   FlatOptimizer(const FlatOptimizer&) = delete;
   FlatOptimizer& operator=(const FlatOptimizer&) = delete;
@@ -114,8 +116,9 @@ class FlatOptimizer {
   /// Bytes of flat optimizer state this object holds (for the memory benchmark).
   std::int64_t state_bytes() const;
 
-  /// The element range this object steps.
+  /// First element of the range this object steps.
   std::int64_t begin() const;
+  /// One past the last element of the range this object steps.
   std::int64_t end() const;
   /// The number of runs of adjacent parameters step() launches its kernels over.
   std::size_t num_runs() const;
