@@ -12,6 +12,7 @@
 #include "mpu/defaults.h"
 
 #include "catch_torch.h"
+#include "messages.h"
 #include "remove_tree.h"
 
 namespace fs = std::filesystem;
@@ -98,14 +99,7 @@ std::vector<unsigned char> make_idx_u8(const std::vector<std::uint32_t>& dims) {
   return out;
 }
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using mpu::test::message_of;
 
 }  // namespace
 

@@ -1,5 +1,7 @@
 #include <catch2/catch.hpp>
 
+#include "messages.h"
+
 #include "mpu/error.h"
 
 #if defined(MPU_TEST_HAVE_CUDA_HEADERS)
@@ -9,14 +11,7 @@
 
 namespace {
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using mpu::test::message_of;
 
 }  // namespace
 

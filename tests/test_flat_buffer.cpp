@@ -1,5 +1,6 @@
 #include <unistd.h>
 #include "catch_torch.h"
+#include "messages.h"
 
 #include <cstdio>
 #include <functional>
@@ -22,14 +23,7 @@ using Named = std::vector<std::pair<std::string, torch::Tensor>>;
 
 // --- Helpers -------------------------------------------------------------------------------------
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using mpu::test::message_of;
 
 bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;

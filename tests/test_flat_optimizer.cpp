@@ -1,6 +1,7 @@
 #include <unistd.h>
 
 #include "catch_torch.h"
+#include "messages.h"
 
 #include <algorithm>
 #include <cmath>
@@ -27,14 +28,7 @@ using mpu::ZeroCopy;
 
 // --- Helpers -------------------------------------------------------------------------------------
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using mpu::test::message_of;
 
 bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;

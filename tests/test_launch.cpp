@@ -1,6 +1,7 @@
 // Launch: the launchers' environments (pure parsing), GPU counting rules, spawn()'s fail-fast
 // behaviour, and init() over a real TCPStore.
 #include "catch_torch.h"
+#include "messages.h"
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -23,14 +24,7 @@ using Catch::Matchers::Contains;
 using Clock = std::chrono::steady_clock;
 using Env = std::map<std::string, std::string>;
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using mpu::test::message_of;
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();

@@ -1,6 +1,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 #include "catch_torch.h"
+#include "messages.h"
 #include "remove_tree.h"
 
 #include <csignal>
@@ -47,14 +48,7 @@ std::string read_file(const fs::path& path) {
   return ss.str();
 }
 
-std::string message_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using mpu::test::message_of;
 
 // Records the iterations at which it runs.
 std::shared_ptr<mpu::Extension> recorder(std::vector<std::int64_t>& at, mpu::Trigger trigger) {
