@@ -228,7 +228,8 @@ class NcclCommunicator final : public Communicator {
     ncclResult_t result = ncclCommInitRankConfig(&raw, size, unique_id, rank, &config);
     comm_ = NcclComm(raw);
     bool expired = false;
-    result = settle(result, start + timeout_, &expired);
+    bool aborted = false;  // nobody else holds the communicator yet
+    result = settle(result, start + timeout_, &expired, &aborted);
     if (expired) {
       comm_.abort();
       MPU_THROW(Timeout, "make_nccl_communicator: rank ", rank, " of ", size, " on ",
@@ -398,6 +399,9 @@ class NcclCommunicator final : public Communicator {
   }
 
   void abort() noexcept override {
+    // A collective being enqueued holds the mutex while it waits out ncclInProgress (up to the
+    // timeout): the flag makes it give up at once, so that the lock below is not held for long.
+    abort_requested_ = true;
     try {
       std::lock_guard<std::mutex> lock(mutex_);
       fail_locked(
@@ -422,14 +426,21 @@ class NcclCommunicator final : public Communicator {
   }
 
   // Waits out ncclInProgress (non-blocking communicators) until `deadline`.
-  ncclResult_t settle(ncclResult_t result, Clock::time_point deadline, bool* expired) {
+  // Gives up early, setting *aborted, when abort() is called meanwhile.
+  ncclResult_t settle(ncclResult_t result, Clock::time_point deadline, bool* expired,
+                      bool* aborted) {
     *expired = false;
+    *aborted = false;
     const auto first_poll = Clock::now();
     while (result == ncclInProgress) {
       ncclResult_t state = ncclSuccess;
       const ncclResult_t query = ncclCommGetAsyncError(comm_.get(), &state);
       if (query != ncclSuccess) return query;
       if (state != ncclInProgress) return state;
+      if (abort_requested_) {
+        *aborted = true;
+        return ncclInProgress;
+      }
       if (Clock::now() >= deadline) {
         *expired = true;
         return ncclInProgress;
@@ -472,8 +483,15 @@ class NcclCommunicator final : public Communicator {
     MPU_CUDA_CHECK(cudaStreamWaitEvent(stream_.get(), ready_.get(), 0));
     const auto start = Clock::now();
     bool expired = false;
+    bool aborted = false;
     const ncclResult_t result =
-        settle(launch(comm_.get(), stream_.get()), start + timeout_, &expired);
+        settle(launch(comm_.get(), stream_.get()), start + timeout_, &expired, &aborted);
+    if (aborted) {
+      fail_locked(detail::cat("abort() was called on rank ", rank_, " while ", label(op, seq),
+                              " was being enqueued"),
+                  false);
+      throw_if_failed_locked(op);
+    }
     if (expired) {
       record_failure_locked(op, seq, true,
                             "NCCL did not finish enqueueing it; a peer may not "
@@ -587,6 +605,7 @@ class NcclCommunicator final : public Communicator {
   std::condition_variable cv_;
   bool stop_ = false;
   std::atomic<bool> failed_{false};
+  std::atomic<bool> abort_requested_{false};
   bool timed_out_ = false;
   std::string error_;
   std::thread watchdog_;
