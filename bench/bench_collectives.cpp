@@ -372,8 +372,8 @@ void run_rank(const mpu::SpawnContext& ctx, const Args& args) {
                 << worst_ratio_64m << (worst_ratio_64m >= 0.98 ? " (met)" : " (NOT met)") << "\n";
     }
     if (allreduce_busbw_256m >= 0) {
-      std::cout << std::fixed << std::setprecision(1) << "allreduce busbw at 256 MiB: " << allreduce_busbw_256m
-                << " GB/s"
+      std::cout << std::fixed << std::setprecision(1)
+                << "allreduce busbw at 256 MiB: " << allreduce_busbw_256m << " GB/s"
                 << (n == 4 ? (allreduce_busbw_256m >= 330 ? " (goal 330 on 4 GPUs: met)"
                                                           : " (goal 330 on 4 GPUs: NOT met)")
                            : "")

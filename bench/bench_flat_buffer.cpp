@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/bench_common.h"
 #include "mpu/config.h"
 #include "mpu/error.h"
 #include "mpu/flat_buffer.h"
@@ -37,6 +38,9 @@
 #endif
 
 namespace {
+
+using mpu::bench::json_escape;
+using mpu::bench::same_bits;
 
 struct Options {
   int warmup = -1;  // -1: 20 on CUDA, 2 on CPU
@@ -201,13 +205,6 @@ mpu::kernels::FlatDtype kernel_dtype(torch::Dtype d) {
 }
 #endif
 
-bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
-  const auto as_int = [](const torch::Tensor& t) {
-    return t.element_size() == 2 ? t.view(torch::kShort) : t.view(torch::kInt);
-  };
-  return a.scalar_type() == b.scalar_type() && torch::equal(as_int(a), as_int(b));
-}
-
 void run_config(const Config& c, torch::Device device, const Timer& timer, std::vector<Row>& rows,
                 std::vector<Verdict>& verdicts) {
   torch::NoGradGuard no_grad;
@@ -325,30 +322,13 @@ void run_config(const Config& c, torch::Device device, const Timer& timer, std::
   for (auto& v : verdicts) v.met = v.vs_copy >= 0.9 && v.vs_libtorch >= 3.0;
 }
 
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (const char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\';
-    out += ch;
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
     Options o = parse(argc, argv);
-    bool cuda = torch::cuda::is_available();
-    if (o.device == "cpu") {
-      cuda = false;
-    } else if (o.device == "cuda") {
-      MPU_CHECK(cuda, "bench_flat_buffer: --device cuda, but no CUDA device is available");
-    }
-#if !MPU_HAS_CUDA
-    cuda = false;
-#endif
-    const torch::Device device = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+    const torch::Device device = mpu::bench::pick_device(o.device, "bench_flat_buffer");
+    const bool cuda = device.is_cuda();
     if (o.warmup < 0) o.warmup = cuda ? 20 : 2;
     if (o.reps < 0) o.reps = cuda ? 200 : 10;
     MPU_CHECK(o.reps > 0 && o.warmup >= 0,

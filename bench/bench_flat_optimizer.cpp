@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/bench_common.h"
 #include "mpu/config.h"
 #include "mpu/error.h"
 #include "mpu/flat_buffer.h"
@@ -36,6 +37,9 @@
 #endif
 
 namespace {
+
+using mpu::bench::json_escape;
+using mpu::bench::same_bits;
 
 constexpr std::int64_t kResNet50Elements = 25557032;
 constexpr std::int64_t kResNet50Tensors = 161;
@@ -225,13 +229,6 @@ struct Row {
   double speedup() const { return plain.wall_ms / flat.wall_ms; }
 };
 
-bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
-  const auto as_int = [](const torch::Tensor& t) {
-    return t.element_size() == 2 ? t.view(torch::kShort) : t.view(torch::kInt);
-  };
-  return a.scalar_type() == b.scalar_type() && torch::equal(as_int(a), as_int(b));
-}
-
 Row run(const OptimizerConfig& c, torch::Dtype dtype, torch::Device device, const Timer& timer) {
   const auto opts = torch::TensorOptions().dtype(dtype).device(device);
   // Two identical sets of parameters and gradients: one stepped by the plain optimizer, one
@@ -275,30 +272,13 @@ Row run(const OptimizerConfig& c, torch::Dtype dtype, torch::Device device, cons
   return row;
 }
 
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (const char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\';
-    out += ch;
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
     Options o = parse(argc, argv);
-    bool cuda = torch::cuda::is_available();
-    if (o.device == "cpu") {
-      cuda = false;
-    } else if (o.device == "cuda") {
-      MPU_CHECK(cuda, "bench_flat_optimizer: --device cuda, but no CUDA device is available");
-    }
-#if !MPU_HAS_CUDA
-    cuda = false;
-#endif
-    const torch::Device device = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+    const torch::Device device = mpu::bench::pick_device(o.device, "bench_flat_optimizer");
+    const bool cuda = device.is_cuda();
     if (o.warmup < 0) o.warmup = cuda ? 10 : 1;
     if (o.iters < 0) o.iters = cuda ? 50 : 3;
     MPU_CHECK(o.iters > 0 && o.warmup >= 0,

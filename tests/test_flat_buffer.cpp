@@ -1,6 +1,7 @@
 #include <unistd.h>
 #include "catch_torch.h"
 #include "messages.h"
+#include "tensor_bits.h"
 
 #include <cstdio>
 #include <functional>
@@ -38,23 +39,7 @@ int count_of(const std::string& haystack, const std::string& needle) {
   return n;
 }
 
-// True when a and b have the same dtype, shape and bit patterns (so -0.0 != 0.0).
-bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
-  if (!a.defined() || !b.defined()) return a.defined() == b.defined();
-  if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
-  const auto as_int = [](const torch::Tensor& t) {
-    const torch::Tensor c = t.detach().cpu().contiguous();
-    switch (c.element_size()) {
-      case 2:
-        return c.view(torch::kShort);
-      case 4:
-        return c.view(torch::kInt);
-      default:
-        return c.view(torch::kLong);
-    }
-  };
-  return torch::equal(as_int(a), as_int(b));
-}
+using mpu::test::same_bits;
 
 const torch::Tensor& target_of(const torch::Tensor& t, FlatTarget target) {
   return target == FlatTarget::kGrad ? t.grad() : t;

@@ -2,6 +2,7 @@
 
 #include "catch_torch.h"
 #include "messages.h"
+#include "tensor_bits.h"
 
 #include <algorithm>
 #include <cmath>
@@ -34,23 +35,7 @@ bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }
 
-// True when a and b have the same dtype, shape and bit patterns (so -0.0 != 0.0).
-bool same_bits(const torch::Tensor& a, const torch::Tensor& b) {
-  if (!a.defined() || !b.defined()) return a.defined() == b.defined();
-  if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
-  const auto as_int = [](const torch::Tensor& t) {
-    const torch::Tensor c = t.detach().cpu().contiguous();
-    switch (c.element_size()) {
-      case 2:
-        return c.view(torch::kShort);
-      case 4:
-        return c.view(torch::kInt);
-      default:
-        return c.view(torch::kLong);
-    }
-  };
-  return torch::equal(as_int(a), as_int(b));
-}
+using mpu::test::same_bits;
 
 // A small model whose parameters have sizes that are and are not multiples of a vector register.
 struct Net : torch::nn::Module {
