@@ -326,7 +326,7 @@ TEST_CASE("read_idx reads every idx type, big-endian, gzip or plain", "[datasets
                     Catch::Matchers::Contains("implausible size"));
 }
 
-TEST_CASE("ImageDataset scales bytes to [0, 1]; get_batch matches get", "[datasets]") {
+TEST_CASE("ImageDataset scales bytes to [0, 1] - get_batch matches get", "[datasets]") {
   auto images =
       torch::arange(2 * 3 * 3, torch::kInt64).remainder(256).to(torch::kUInt8).view({2, 3, 3});
   auto data = std::make_shared<mpu::datasets::ImageDataset>(images, torch::tensor({3, 7}));
@@ -361,7 +361,7 @@ TEST_CASE("Normalize subtracts the mean and divides by the std per channel", "[d
   CHECK_THROWS_AS(mpu::datasets::Normalize({0.1, 0.2}, {1.0}), mpu::InvalidArgument);
 }
 
-TEST_CASE("RandomCrop cuts a window of the padded image; RandomHorizontalFlip mirrors",
+TEST_CASE("RandomCrop cuts a window of the padded image - RandomHorizontalFlip mirrors",
           "[datasets]") {
   const auto x = torch::arange(1, 2 * 5 * 6 + 1, torch::kFloat32).view({2, 5, 6});
   const std::int64_t pad = 2;

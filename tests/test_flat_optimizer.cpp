@@ -493,7 +493,7 @@ TEST_CASE("flat_optimizer: a full-range checkpoint is no larger than the plain o
   std::remove(b.c_str());
 }
 
-TEST_CASE("flat_optimizer: two shards together equal the full step; export/import round-trip",
+TEST_CASE("flat_optimizer: two shards together equal the full step - export/import round-trip",
           "[flat_optimizer]") {
   const torch::Device cpu(torch::kCPU);
   for (const auto& c : all_cases()) {

@@ -286,7 +286,7 @@ TEST_CASE("Iterator save/load resumes exactly", "[iterator]") {
   }
 }
 
-TEST_CASE("split_dataset_n_random: equal, disjoint shards; the remainder is dropped",
+TEST_CASE("split_dataset_n_random: equal, disjoint shards - the remainder is dropped",
           "[iterator]") {
   auto data = counting_dataset(103);
   for (int n : {1, 2, 4, 7, 103}) {
@@ -349,7 +349,7 @@ TEST_CASE("split_iterators and shard_iterator serve the same batches", "[iterato
   CHECK(iters[0]->options().seed() != iters[1]->options().seed());
 }
 
-TEST_CASE("Datasets: get_batch stacks get; subsets and the LibTorch adapter", "[iterator]") {
+TEST_CASE("Datasets: get_batch stacks get - subsets and the LibTorch adapter", "[iterator]") {
   auto data = counting_dataset(6);
   const auto batch = data->get_batch({4, 1, 4});
   CHECK(to_vector(batch.target) == std::vector<std::int64_t>{4, 1, 4});

@@ -182,7 +182,7 @@ TEST_CASE("Open MPI environment", "[launch]") {
   CHECK(info.master_port == 29511);
 }
 
-TEST_CASE("Open MPI across nodes needs MASTER_ADDR; on one node it is local", "[launch]") {
+TEST_CASE("Open MPI across nodes needs MASTER_ADDR - on one node it is local", "[launch]") {
   Env env{{"OMPI_COMM_WORLD_RANK", "0"},
           {"OMPI_COMM_WORLD_SIZE", "4"},
           {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},

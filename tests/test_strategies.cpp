@@ -135,7 +135,7 @@ mpu::UpdaterOptions with(mpu::Strategy strategy, std::size_t bucket_bytes = 256)
 
 }  // namespace
 
-TEST_CASE("to_string and parse_strategy are inverse; unknown names are refused", "[strategies]") {
+TEST_CASE("to_string and parse_strategy are inverse - unknown names are refused", "[strategies]") {
   for (auto s : {mpu::Strategy::kMasterStep, mpu::Strategy::kReplicated, mpu::Strategy::kSharded})
     CHECK(mpu::parse_strategy(mpu::to_string(s)) == s);
   try {
@@ -232,7 +232,7 @@ TEST_CASE("MultiprocessParallelUpdater with Replicated and Sharded equals one pr
   }
 }
 
-TEST_CASE("Buckets go out during backward; with bucket_bytes 0 one collective follows it",
+TEST_CASE("Buckets go out during backward - with bucket_bytes 0 one collective follows it",
           "[strategies][multiprocess]") {
   mpu::test::run_ranks(2, [&](const mpu::SpawnContext& ctx) {
     for (auto strategy : {mpu::Strategy::kMasterStep, mpu::Strategy::kReplicated}) {
@@ -391,7 +391,7 @@ TEST_CASE("drift_check_interval: a parameter changed on one rank is found and na
 }
 
 TEST_CASE(
-    "Sharded: optimizer state per rank is its shard; snapshots hold the whole state and "
+    "Sharded: optimizer state per rank is its shard - snapshots hold the whole state and "
     "resume exactly",
     "[strategies][multiprocess]") {
   const int n = 3;
