@@ -5,8 +5,8 @@
 // Messages, master -> worker: 'R' + rendezvous (NCCL unique id, or the TCPStore port), then
 // 'U' (update), 'S' + three blobs (load state: the iterator's, the optimizer's (empty under
 // MasterStep) and the iteration; parameters follow by broadcast), 'P' (send your iterator
-// state), 'G' (join the gather of the sharded optimizer state for a save), 'F' (finish). Worker -> master: 'P' replies, and 'E' + text when the worker
-// fails, just before it exits.
+// state), 'G' (join the gather of the sharded optimizer state for a save), 'F' (finish). Worker ->
+// master: 'P' replies, and 'E' + text when the worker fails, just before it exits.
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>

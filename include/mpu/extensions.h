@@ -146,7 +146,8 @@ class ProgressBar : public Extension {
 /// extension of the iteration, so the snapshot holds this iteration's log row.
 class Snapshot : public Extension {
  public:
-  /// Names files by `filename_pattern` ("{iteration}" and "{epoch}" replaced) and keeps the last `keep_last`.
+  /// Names files by `filename_pattern` ("{iteration}" and "{epoch}" replaced) and keeps the last
+  /// `keep_last`.
   explicit Snapshot(std::string filename_pattern = kDefaultSnapshotPattern,
                     int keep_last = kDefaultSnapshotKeepLast);
 

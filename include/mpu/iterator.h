@@ -85,7 +85,8 @@ class Dataset {
   /// Called by `get()` after the range check; must be thread-safe and deterministic.
   virtual Batch do_get(std::int64_t index, std::int64_t epoch) const = 0;
   /// The examples `indices` (epochs as in `get_batch()`), stacked along dim 0. The default calls
-  /// `do_get()` for each and stacks; a dataset held as one tensor overrides it with one `index_select`.
+  /// `do_get()` for each and stacks; a dataset held as one tensor overrides it with one
+  /// `index_select`.
   virtual Batch do_get_batch(const std::vector<std::int64_t>& indices,
                              const std::vector<std::int64_t>& epochs) const;
 };
@@ -350,7 +351,8 @@ class Iterator {
   std::unique_ptr<detail::Prefetcher, detail::PrefetcherDeleter> prefetcher_;
 };
 
-/// Iterators are shared between the updater, the Trainer and the user: they travel as shared pointers.
+/// Iterators are shared between the updater, the Trainer and the user: they travel as shared
+/// pointers.
 using IteratorPtr = std::shared_ptr<Iterator>;
 
 /// Chainer's recipe for MultiprocessParallelUpdater: `split_dataset_n_random(dataset, n, seed)`

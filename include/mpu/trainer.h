@@ -105,7 +105,8 @@ class Extension {
 
   /// The default name; duplicates get "_1", "_2", ... The snapshot stores state by name.
   virtual std::string name() const = 0;
-  /// When the extension runs unless `Trainer::extend` is given a trigger; every iteration by default.
+  /// When the extension runs unless `Trainer::extend` is given a trigger; every iteration by
+  /// default.
   virtual Trigger default_trigger() const { return every_iterations(1); }
   /// Higher runs first within an iteration; `kPriorityReader` by default.
   virtual int priority() const { return kPriorityReader; }
@@ -116,8 +117,8 @@ class Extension {
   virtual void initialize(Trainer& trainer) {}
   /// Runs after an update when the trigger fires.
   virtual void operator()(Trainer& trainer) = 0;
-  /// Runs once at the end of `Trainer::run()`. When `run()` ends with an exception, what `finalize()`
-  /// throws is logged, and the first exception propagates.
+  /// Runs once at the end of `Trainer::run()`. When `run()` ends with an exception, what
+  /// `finalize()` throws is logged, and the first exception propagates.
   virtual void finalize() {}
   /// Runs when `Trainer::run()` stops on SIGINT or SIGTERM: after the last complete iteration
   /// (and its extensions), before `finalize()`, where the extension runs. Snapshot writes a
