@@ -3,6 +3,7 @@
 #include "mpu/communicator.h"
 
 #include <c10/util/Exception.h>
+#include <signal.h>
 
 #include <algorithm>
 #include <atomic>
@@ -235,6 +236,14 @@ void check_allgather(const Communicator& comm, const torch::Tensor& out, const t
 std::string next_comm_prefix() {
   static std::atomic<std::uint64_t> counter{0};
   return cat("mpu/comm/", counter.fetch_add(1), "/");
+}
+
+void ignore_sigpipe() {
+  struct sigaction current {};
+  if (::sigaction(SIGPIPE, nullptr, &current) != 0) return;
+  if (current.sa_handler == SIG_DFL && (current.sa_flags & SA_SIGINFO) == 0) {
+    ::signal(SIGPIPE, SIG_IGN);
+  }
 }
 
 std::string exception_text(const std::exception& e) {

@@ -42,6 +42,12 @@ bool overlaps(const torch::Tensor& a, const torch::Tensor& b);
 /// that create their communicators in the same order get the same prefixes.
 std::string next_comm_prefix();
 
+/// Makes writing to a socket whose peer has gone an error (EPIPE) instead of a SIGPIPE that kills
+/// the process: Gloo's TCP transport writes without MSG_NOSIGNAL, so a rank that dies would take
+/// down the peer that writes to it next, before it could report anything. Sets SIGPIPE to
+/// ignored when it has its default disposition; a handler the program installed is left alone.
+void ignore_sigpipe();
+
 /// The message of an exception without c10's backtrace.
 std::string exception_text(const std::exception& e);
 

@@ -35,6 +35,7 @@ class GlooCommunicator final : public Communicator {
               size, " ranks is out of range");
     MPU_CHECK(timeout.count() > 0, "make_gloo_communicator: timeout must be positive, got ",
               timeout.count(), " ms");
+    detail::ignore_sigpipe();
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     // Collectives run one at a time (each call waits), so one worker thread is enough.
     options->threads = 1;

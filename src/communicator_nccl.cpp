@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -214,6 +215,7 @@ class NcclCommunicator final : public Communicator {
     MPU_CUDA_CHECK(cudaGetDeviceCount(&devices));
     MPU_CHECK(device_index >= 0 && device_index < devices, "make_nccl_communicator: device index ",
               device_index, " is not one of the ", devices, " visible CUDA devices");
+    detail::ignore_sigpipe();  // NCCL's bootstrap and proxy talk over sockets too
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
     stream_ = CudaStream::create_high_priority();
     ready_ = CudaEvent::create();
@@ -251,6 +253,10 @@ class NcclCommunicator final : public Communicator {
   }
 
   ~NcclCommunicator() override {
+    // Destroyed while an exception unwinds the stack: this rank is failing, and the peers may be
+    // blocked in a collective that waits for it. ncclCommFinalize would wait for them (up to the
+    // timeout) and keep this process from exiting, which is what its peers' watches wait for.
+    const bool failing = std::uncaught_exceptions() > unwinding_at_construction_;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
@@ -260,7 +266,7 @@ class NcclCommunicator final : public Communicator {
     try {
       c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
       std::lock_guard<std::mutex> lock(mutex_);
-      if (comm_ && !failed_) {
+      if (comm_ && !failed_ && !failing) {
         const auto deadline = Clock::now() + timeout_;
         comm_.finalize(deadline);
       }
@@ -592,6 +598,7 @@ class NcclCommunicator final : public Communicator {
   const int size_;
   const int device_index_;
   const std::chrono::milliseconds timeout_;
+  const int unwinding_at_construction_ = std::uncaught_exceptions();
   // Declared before comm_: destroyed after it.
   CudaStream stream_;
   CudaEvent ready_;

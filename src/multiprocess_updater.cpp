@@ -442,6 +442,13 @@ void MultiprocessParallelUpdater::start() {
 
 [[noreturn]] void MultiprocessParallelUpdater::run_worker(int k, int fd) noexcept {
   int code = 0;
+  // Outside the try block: a worker that fails leaves through _exit() below without destroying
+  // them. Destroying the NCCL communicator would run ncclCommFinalize, which waits for the
+  // collectives in flight, and the master may be blocked in one that waits for this worker: the
+  // worker would never exit, and the master's watch (which acts on the worker's exit) would never
+  // fire. Only an orderly 'F' destroys them, on every rank alike.
+  std::shared_ptr<Communicator> comm;
+  std::unique_ptr<detail::SyncEngine> step;
   try {
     // GNU OpenMP does not survive fork(): one intra-op thread, as torchrun's default.
     at::set_num_threads(1);
@@ -464,7 +471,6 @@ void MultiprocessParallelUpdater::start() {
     // Every rank steps under Replicated and Sharded: the worker's copy of the optimizer (forked
     // with its rescaled options) follows the model to its device.
     detail::move_optimizer_state(optimizer_, device);
-    std::shared_ptr<Communicator> comm;
     if (device.is_cuda()) {
       NcclUniqueId id;
       std::copy(rendezvous.begin(), rendezvous.end(), id.begin());
@@ -474,7 +480,7 @@ void MultiprocessParallelUpdater::start() {
           connect_store("127.0.0.1", std::stoi(rendezvous), options_.timeout), k, n,
           options_.timeout);
     }
-    auto step = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm, options_);
+    step = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm, options_);
     step->broadcast_parameters();
     step->broadcast_buffers();
     Iterator& iterator = *iterators_[k];
@@ -513,6 +519,8 @@ void MultiprocessParallelUpdater::start() {
         MPU_THROW(Error, "worker ", k, ": unknown message '", tag, "'");
       }
     }
+    step.reset();
+    comm.reset();
   } catch (const std::exception& e) {
     code = dynamic_cast<const CommError*>(&e) != nullptr ? detail::kWorkerExitCommError
                                                          : detail::kWorkerExitError;

@@ -157,6 +157,7 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
       skip_nonfinite_(options.skip_nonfinite),
       drift_interval_(options.drift_check_interval),
       steps_here_(options.strategy != Strategy::kMasterStep || comm.rank() == 0),
+      solo_(comm.size() == 1),
       flat_(reversed_parameters(model), flat_options(common_dtype(reversed_parameters(model)))),
       hook_target_(std::make_shared<HookTarget>()) {
   check_options(options, "SyncEngine");
@@ -184,10 +185,10 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
   }
 
   const auto opts = torch::TensorOptions().device(flat_.device());
-  if (!zero_copy || options.wire_dtype != flat_.dtype()) {
+  if (!solo_ && (!zero_copy || options.wire_dtype != flat_.dtype())) {
     wire_ = torch::empty({flat_.numel()}, opts.dtype(options.wire_dtype));
   }
-  if (!zero_copy && strategy_ == Strategy::kMasterStep) {
+  if (!solo_ && !zero_copy && strategy_ == Strategy::kMasterStep) {
     param_wire_ = torch::empty({flat_.numel()}, opts.dtype(torch::kFloat));
   }
   if (strategy_ == Strategy::kSharded) {
@@ -213,7 +214,7 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
     MPU_LOG_INFO("flat optimizer step off: ", why);
   }
 
-  if (zero_copy && options.bucket_bytes > 0 && strategy_ != Strategy::kSharded) {
+  if (!solo_ && zero_copy && options.bucket_bytes > 0 && strategy_ != Strategy::kSharded) {
     const auto wire_bytes = static_cast<std::int64_t>(
         torch::elementSize(wire_.defined() ? wire_.scalar_type() : flat_.dtype()));
     const auto limit = static_cast<std::int64_t>(options.bucket_bytes);
@@ -334,7 +335,9 @@ bool SyncEngine::gradients_finite() {
     auto g = flat_.flat_grad().narrow(0, shard_offset_, shard_numel_);
     bad = torch::isfinite(g).logical_not().any().to(torch::kFloat).reshape({1});
   } else if (receives_gradients()) {
-    const auto& g = flat_.zero_copy() ? flat_.flat_grad() : wire_;
+    const torch::Tensor g = flat_.zero_copy() ? flat_.flat_grad()
+                            : wire_.defined() ? wire_
+                                              : flat_.gather(FlatTarget::kGrad);
     bad = torch::isfinite(g).logical_not().any().to(torch::kFloat).reshape({1});
   }
   // Sharded ranks each see a shard: agree on the verdict. Under MasterStep only rank 0 has the
@@ -348,9 +351,23 @@ bool SyncEngine::gradients_finite() {
   return bad.item<float>() == 0.0f;
 }
 
+void SyncEngine::scale_local_gradients() {
+  const double factor = prescale_ * postscale_;
+  if (factor == 1.0) return;
+  if (flat_.zero_copy()) {
+    flat_.flat_grad().mul_(factor);
+    return;
+  }
+  for (auto& p : model_.parameters()) {
+    if (p.grad().defined()) p.mutable_grad().mul_(factor);
+  }
+}
+
 bool SyncEngine::finish(std::int64_t iteration) {
   torch::NoGradGuard no_grad;
-  if (strategy_ == Strategy::kSharded) {
+  if (solo_) {
+    scale_local_gradients();
+  } else if (strategy_ == Strategy::kSharded) {
     reduce_scatter_whole();
   } else if (!flat_.zero_copy()) {
     reduce_whole();
@@ -395,14 +412,16 @@ bool SyncEngine::finish(std::int64_t iteration) {
       optimizer_.step();
     }
   }
-  if (strategy_ == Strategy::kMasterStep) {
+  if (solo_) {
+    // Nothing to share.
+  } else if (strategy_ == Strategy::kMasterStep) {
     broadcast_parameters();
   } else if (strategy_ == Strategy::kSharded && ok) {
     auto d = flat_.flat_data();
     auto mine = d.narrow(0, shard_offset_, shard_numel_);
     comm_.allgather(d, mine);
   }
-  if (drift_interval_ > 0 && iteration % drift_interval_ == 0) check_drift(iteration);
+  if (!solo_ && drift_interval_ > 0 && iteration % drift_interval_ == 0) check_drift(iteration);
   return ok;
 }
 

@@ -83,7 +83,8 @@ class SyncEngine {
   std::int64_t skipped_steps() const { return skipped_; }
   /// Whether the optimizer steps through the flat step on this rank.
   bool flat_step() const { return flat_opt_ != nullptr; }
-  /// Number of gradient buckets communicated during backward (0: one collective after it).
+  /// Number of gradient buckets communicated during backward (0: one collective after it, or
+  /// none on a single rank).
   std::size_t bucket_count() const { return buckets_.size(); }
   const FlatBuffer& flat() const { return flat_; }
 
@@ -103,6 +104,7 @@ class SyncEngine {
   void reduce_scatter_whole();
   bool receives_gradients() const;
   bool gradients_finite();
+  void scale_local_gradients();
   void check_drift(std::int64_t iteration);
 
   torch::nn::Module& model_;
@@ -115,6 +117,9 @@ class SyncEngine {
   bool skip_nonfinite_;
   std::int64_t drift_interval_;
   bool steps_here_;
+  // One rank: nothing to communicate. The gradients are only scaled (the mean over
+  // accumulation steps), and no collective is issued, as DDP would still issue.
+  bool solo_;
   FlatBuffer flat_;
   torch::Tensor wire_;        // gradients on the wire, when they are not the flat buffer itself
   torch::Tensor param_wire_;  // parameters on the wire, when they are not the flat buffer itself

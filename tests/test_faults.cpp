@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,6 +17,7 @@
 #include "remove_tree.h"
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include <cerrno>
 #include <chrono>
@@ -29,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "mpu/communicator.h"
 #include "mpu/datasets.h"
 #include "mpu/error.h"
 #include "mpu/extensions.h"
@@ -404,6 +407,42 @@ TEST_CASE("After a worker dies, the last snapshot is intact and resuming from it
     INFO("parameter " << i - 1 << ": " << mpu::test::first_difference(resumed[i], reference[i]));
     CHECK(mpu::test::first_difference(resumed[i], reference[i]).empty());
   }
+}
+
+namespace {
+void on_sigpipe(int /*signal*/) {}
+}  // namespace
+
+TEST_CASE("A communicator makes a write to a vanished peer an error, not a SIGPIPE death",
+          "[faults]") {
+  // Gloo writes to its sockets without MSG_NOSIGNAL: with SIGPIPE at its default, a rank that
+  // writes to a dead peer would die of the signal before it could report anything.
+  const bool own_handler = GENERATE(false, true);
+  INFO("the program installed its own SIGPIPE handler: " << own_handler);
+  auto out = mpu::test::run_isolated([&] {
+    ::signal(SIGPIPE, own_handler ? on_sigpipe : SIG_DFL);
+    auto comm = mpu::make_gloo_communicator(c10::make_intrusive<c10d::HashStore>(), 0, 1,
+                                            std::chrono::seconds(10));
+    struct sigaction now {};
+    ::sigaction(SIGPIPE, nullptr, &now);
+    const std::int64_t disposition = now.sa_handler == SIG_IGN      ? 0
+                                     : now.sa_handler == on_sigpipe ? 1
+                                                                    : 2;
+    // A socket whose peer has closed: the write fails with EPIPE, and this process lives on.
+    int fds[2] = {-1, -1};
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+    ::close(fds[1]);
+    const char byte = 'x';
+    const ssize_t written = ::write(fds[0], &byte, 1);
+    const int error = errno;
+    ::close(fds[0]);
+    return std::vector<torch::Tensor>{
+        torch::tensor({disposition, static_cast<std::int64_t>(written),
+                       static_cast<std::int64_t>(error)})};
+  });
+  CHECK(out[0][0].item<std::int64_t>() == (own_handler ? 1 : 0));
+  CHECK(out[0][1].item<std::int64_t>() == -1);
+  CHECK(out[0][2].item<std::int64_t>() == EPIPE);
 }
 
 TEST_CASE("A worker that dies before a snapshot fails the snapshot, and the previous file is kept",
