@@ -66,10 +66,10 @@ class CifarBlockImpl : public nn::Module {
         bn2_(register_module("bn2", nn::BatchNorm2d(planes))),
         shortcut_(in_planes, planes, stride) {}
   torch::Tensor forward(torch::Tensor x) {
-    auto out = torch::relu_(bn1_(conv1_(x)));
+    auto out = bn1_(conv1_(x)).relu_();
     out = bn2_(conv2_(out));
     out += shortcut_(x);
-    return torch::relu_(out);
+    return out.relu_();
   }
 
  private:
@@ -94,10 +94,10 @@ BasicBlockImpl::BasicBlockImpl(std::int64_t in_planes, std::int64_t planes, std:
 }
 
 torch::Tensor BasicBlockImpl::forward(torch::Tensor x) {
-  auto out = torch::relu_(bn1_(conv1_(x)));
+  auto out = bn1_(conv1_(x)).relu_();
   out = bn2_(conv2_(out));
   out += downsample_ ? downsample_->forward(x) : x;
-  return torch::relu_(out);
+  return out.relu_();
 }
 
 BottleneckImpl::BottleneckImpl(std::int64_t in_planes, std::int64_t planes, std::int64_t stride) {
@@ -113,11 +113,11 @@ BottleneckImpl::BottleneckImpl(std::int64_t in_planes, std::int64_t planes, std:
 }
 
 torch::Tensor BottleneckImpl::forward(torch::Tensor x) {
-  auto out = torch::relu_(bn1_(conv1_(x)));
-  out = torch::relu_(bn2_(conv2_(out)));
+  auto out = bn1_(conv1_(x)).relu_();
+  out = bn2_(conv2_(out)).relu_();
   out = bn3_(conv3_(out));
   out += downsample_ ? downsample_->forward(x) : x;
-  return torch::relu_(out);
+  return out.relu_();
 }
 
 ResNetImpl::ResNetImpl(BlockKind kind, std::array<std::int64_t, 4> blocks,
@@ -156,7 +156,7 @@ nn::Sequential ResNetImpl::make_stage(BlockKind kind, std::int64_t planes, std::
 }
 
 torch::Tensor ResNetImpl::forward(torch::Tensor x) {
-  x = torch::relu_(bn1_(conv1_(x)));
+  x = bn1_(conv1_(x)).relu_();
   if (!small_input_) x = torch::max_pool2d(x, 3, 2, 1);
   for (auto& stage : stages_) x = stage->forward(x);
   x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1);
@@ -186,7 +186,7 @@ CifarResNetImpl::CifarResNetImpl(std::int64_t depth, const ModelOptions& options
 }
 
 torch::Tensor CifarResNetImpl::forward(torch::Tensor x) {
-  x = torch::relu_(bn1_(conv1_(x)));
+  x = bn1_(conv1_(x)).relu_();
   for (auto& stage : stages_) x = stage->forward(x);
   x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1);
   return fc_(x);
