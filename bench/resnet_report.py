@@ -8,6 +8,8 @@ usage: bench/resnet_report.py --from DIR [--doc docs/benchmarks.md] [--img docs/
 
 DIR holds what bench/run_resnet_bench.sh wrote: mpu.json (bench_resnet50), ddp.json
 (ddp_reference.py) and env.json (card, date, versions); either benchmark's file may be missing.
+Rows merged from several runs may carry, in env.json, "provenance" (how they were run, replacing
+"in one run of bench/run_resnet_bench.sh") and "notes" (lines printed under the table).
 The section replaces what lies between the markers <!-- resnet50:begin --> and
 <!-- resnet50:end --> (added before "## Training", or at the end, when absent); the rest of
 the file is kept. The section is also written to DIR/resnet50_section.md.
@@ -236,8 +238,8 @@ def section(r, mpu, ddp, env, plotted):
     lines = [BEGIN, "", "## ResNet-50 training throughput against PyTorch DDP "
              "(`bench/bench_resnet50`, `bench/ddp_reference.py`)", ""]
     lines.append(
-        f"On a **{host}** host, {env.get('date', 'date unknown')}, in one run of "
-        f"`bench/run_resnet_bench.sh`. torch-mpu {(mpu or {}).get('mpu_version', '?')}"
+        f"On a **{host}** host, {env.get('date', 'date unknown')}, "
+        f"{env.get('provenance') or 'in one run of `bench/run_resnet_bench.sh`'}. torch-mpu {(mpu or {}).get('mpu_version', '?')}"
         f"{' (commit ' + env['git_commit'] + ')' if env.get('git_commit') else ''} on LibTorch "
         f"{(mpu or {}).get('torch_version', '?')}; DDP on PyTorch {(ddp or {}).get('torch_version', env.get('torch', '?'))}, "
         f"torchvision {(ddp or {}).get('torchvision_version', env.get('torchvision', '?'))}; CUDA "
@@ -257,8 +259,9 @@ def section(r, mpu, ddp, env, plotted):
         f"rank's time; images/s = GPUs × batch × iterations / time. Peak memory is the CUDA caching "
         f"allocator's peak allocated bytes of the fullest rank over the whole process "
         f"(`torch.cuda.max_memory_allocated` for DDP). Both benchmarks draw the initial weights and the "
-        f"data from the same seeds, so the final losses (rank 0's last batch) should be close; they differ "
-        f"by rounding and by cuDNN's choice of algorithms. torch-mpu: `mpu::DistributedUpdater`, buckets of "
+        f"data from the same seeds. The final loss (rank 0's last batch) is shown only as a sign of life: "
+        f"with random labels and lr 0.1 the loss wanders chaotically, so the values are not comparable "
+        f"between rows. torch-mpu: `mpu::DistributedUpdater`, buckets of "
         f"{mib(upd.get('bucket_bytes')) if upd.get('bucket_bytes') is not None else '?'} MiB, gradients on the wire in "
         f"{', '.join(wires) or '?'}, flat optimizer step {'on' if upd.get('flat_step', True) else 'off'}; DDP: "
         f"default buckets (25 MiB), gradients in the parameter dtype, `torch.optim.SGD`'s default implementation.")
@@ -268,6 +271,9 @@ def section(r, mpu, ddp, env, plotted):
         lines.append("")
     else:
         lines += ["No row succeeded.", ""]
+    notes = env.get("notes") or []
+    if notes:
+        lines += [f"- {n}" for n in notes] + [""]
     mem = memory_table(r)
     if mem:
         lines += ["Optimizer state (SGD momentum) per rank, Sharded against Replicated:", ""] + mem + [""]

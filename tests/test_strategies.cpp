@@ -201,6 +201,41 @@ TEST_CASE("Gradient accumulation: k micro-batches per step equal one process of 
   });
 }
 
+TEST_CASE("One rank issues no collective per step and equals one process, every strategy",
+          "[strategies][multiprocess]") {
+  mpu::test::run_ranks(1, [&](const mpu::SpawnContext& ctx) {
+    for (auto strategy :
+         {mpu::Strategy::kMasterStep, mpu::Strategy::kReplicated, mpu::Strategy::kSharded}) {
+      for (int k : {1, 3}) {
+        for (const auto& [name, make] : optimizers()) {
+          auto o = with(strategy);
+          o.accumulation_steps = k;
+          check_equivalent(ctx, name, make, o);
+        }
+        // The mean over k micro-batches is the only scaling left on one rank.
+        auto o = with(strategy);
+        o.accumulation_steps = k;
+        o.scaling = mpu::ScalingPolicy::mean();
+        o.wire_dtype = torch::kHalf;  // nothing travels: no fp16 rounding either
+        check_equivalent(ctx, "SGD, mean, fp16 wire", optimizers()[0].second, o);
+      }
+      auto all = make_examples(kMicro * kSteps);
+      auto net = make_mlp();
+      torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+      auto comm = ctx.make_communicator();
+      auto o = with(strategy);
+      o.drift_check_interval = 1;
+      mpu::DistributedUpdater updater(net, opt, rank_iterator(all, 0, 1, 1), cross_entropy(net),
+                                      comm, o);
+      const auto before = comm->sequence_number();
+      for (int i = 0; i < kSteps; ++i) updater.update();
+      MPU_EXPECT(comm->sequence_number() == before, mpu::to_string(strategy), ": ",
+                 comm->sequence_number() - before, " collectives in ", kSteps,
+                 " steps on one rank");
+    }
+  });
+}
+
 TEST_CASE("MultiprocessParallelUpdater with Replicated and Sharded equals one process",
           "[strategies][multiprocess]") {
   const int n = 2;
