@@ -436,9 +436,8 @@ TEST_CASE("A communicator makes a write to a vanished peer an error, not a SIGPI
     const ssize_t written = ::write(fds[0], &byte, 1);
     const int error = errno;
     ::close(fds[0]);
-    return std::vector<torch::Tensor>{
-        torch::tensor({disposition, static_cast<std::int64_t>(written),
-                       static_cast<std::int64_t>(error)})};
+    return std::vector<torch::Tensor>{torch::tensor(
+        {disposition, static_cast<std::int64_t>(written), static_cast<std::int64_t>(error)})};
   });
   CHECK(out[0][0].item<std::int64_t>() == (own_handler ? 1 : 0));
   CHECK(out[0][1].item<std::int64_t>() == -1);
