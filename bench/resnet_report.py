@@ -42,6 +42,48 @@ GOAL_SHARDED_SLACK = 0.05
 GOAL_GPUS = 4
 
 
+def merge_rounds(src):
+    """Interleaved runs (run_resnet_bench.sh with ROUNDS > 1) leave one JSON per round, process
+    count and implementation in SRC/parts: mpu_r<k>_n<n>.json and ddp_r<k>_n<n>.json. Writes
+    SRC/mpu.json and SRC/ddp.json with, for each (strategy, precision, GPUs), the row of the
+    median images/s (the lower of the two middle ones for an even count), carrying every
+    round's images/s in "samples". Returns the number of rounds seen (0: no parts)."""
+    parts = os.path.join(src, "parts")
+    if not os.path.isdir(parts):
+        return 0
+    rounds = set()
+    for name in ("mpu", "ddp"):
+        docs = []
+        mine = set()
+        for f in sorted(os.listdir(parts)):
+            if f.startswith(name + "_r") and f.endswith(".json"):
+                mine.add(f[len(name) + 2:].split("_", 1)[0])
+                docs.append(load(os.path.join(parts, f)))
+        rounds |= mine
+        if not docs:
+            continue
+        groups = {}
+        failed = []
+        for doc in docs:
+            for row in doc.get("results", []):
+                if row.get("ok"):
+                    groups.setdefault((row["strategy"], row["precision"], row["gpus"]), []).append(row)
+                else:
+                    failed.append(row)
+        merged = {k: v for k, v in docs[0].items() if k != "results"}
+        merged["rounds"] = len(mine)
+        merged["results"] = []
+        for key in sorted(groups, key=lambda k: (k[1], STRATEGIES.index(k[0]) if k[0] in STRATEGIES else 99, k[2])):
+            rows = sorted(groups[key], key=lambda row: row["images_per_s"])
+            chosen = dict(rows[(len(rows) - 1) // 2])
+            chosen["samples"] = [row["images_per_s"] for row in rows]
+            merged["results"].append(chosen)
+        merged["results"] += failed
+        with open(os.path.join(src, f"{name}.json"), "w") as f:
+            json.dump(merged, f, indent=2)
+    return len(rounds)
+
+
 def load(path):
     if not os.path.exists(path):
         return None
@@ -115,8 +157,10 @@ def throughput_table(r):
                 peak = max(row["peak_allocated_bytes"])
                 eff = r.efficiency(s, p, n)
                 ratio = r.vs_ddp(s, p, n) if s != "ddp" else None
+                samples = row.get("samples") or []
+                spread = f" ({min(samples):.0f}–{max(samples):.0f})" if len(samples) > 1 else ""
                 lines.append(
-                    f"| {p} | {LABEL[s]} | {n} | {row['images_per_s']:.1f} | {fmt(eff and 100 * eff, '.1f', ' %')} "
+                    f"| {p} | {LABEL[s]} | {n} | {row['images_per_s']:.1f}{spread} | {fmt(eff and 100 * eff, '.1f', ' %')} "
                     f"| {fmt(ratio, '.3f')} | {fmt(gib(peak), '.2f')} | {fmt(mib(max(row['optimizer_state_bytes'])), '.1f')} "
                     f"| {fmt(row.get('final_loss'), '.4f')} |")
     return lines
@@ -229,6 +273,14 @@ def batch(r):
     return r.docs[0].get("batch_size") if r.docs else "?"
 
 
+def rounds_text(mpu, ddp):
+    rounds = max((d or {}).get("rounds", 1) for d in (mpu, ddp))
+    if rounds <= 1:
+        return ""
+    return (f". Each row is the median of {rounds} rounds, run interleaved (every process count: "
+            f"torch-mpu, then DDP, round after round); the lowest and highest follow in brackets")
+
+
 def section(r, mpu, ddp, env, plotted):
     doc = mpu or ddp or {}
     names = env.get("gpus") or []
@@ -256,7 +308,8 @@ def section(r, mpu, ddp, env, plotted):
         f"device in the training dtype; SGD lr {opt.get('lr', '?')}, momentum {opt.get('momentum', '?')}, "
         f"weight decay {opt.get('weight_decay', '?')}; bf16 means bf16 parameters. {doc.get('warmup', '?')} "
         f"warm-up and {doc.get('iters', '?')} timed iterations, between device synchronisations; the slowest "
-        f"rank's time; images/s = GPUs × batch × iterations / time. Peak memory is the CUDA caching "
+        f"rank's time; images/s = GPUs × batch × iterations / time"
+        f"{rounds_text(mpu, ddp)}. Peak memory is the CUDA caching "
         f"allocator's peak allocated bytes of the fullest rank over the whole process "
         f"(`torch.cuda.max_memory_allocated` for DDP). Both benchmarks draw the initial weights and the "
         f"data from the same seeds. The final loss (rank 0's last batch) is shown only as a sign of life: "
@@ -337,6 +390,9 @@ def main():
     p.add_argument("--img", default="docs/img")
     p.add_argument("--save-data", help="copy the JSON into this directory (docs/data) and link it")
     a = p.parse_args()
+    rounds = merge_rounds(a.src)
+    if rounds:
+        print(f"resnet_report.py: merged {rounds} rounds from {a.src}/parts (median rows)")
     mpu = load(os.path.join(a.src, "mpu.json"))
     ddp = load(os.path.join(a.src, "ddp.json"))
     env = load(os.path.join(a.src, "env.json")) or {}

@@ -12,7 +12,10 @@
 # PRECISIONS (fp32,bf16), STRATEGIES (master,replicated,sharded), BATCH (64), WARMUP (10),
 # ITERS (30), WIRE_DTYPE (fp32; "param" sends gradients in the parameter dtype, as DDP does),
 # BENCH_ARGS and DDP_ARGS (more options of bench_resnet50 and ddp_reference.py), SKIP_DDP=1 /
-# SKIP_MPU=1 to run one side only.
+# SKIP_MPU=1 to run one side only, ROUNDS (1): with ROUNDS=k > 1 the two sides are interleaved,
+# k times over (for each GPU count: torch-mpu's rows, then DDP's), each invocation's JSON kept
+# in OUT_DIR/parts, and every row of the report is the median of its k rounds, so that drift
+# of the machine over the run hits both sides alike.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 out=${1:-bench-out/resnet50}
@@ -72,20 +75,43 @@ with open(sys.argv[1], "w") as f:
 print("run_resnet_bench.sh: " + "; ".join(env["gpus"]))
 EOF
 
+rounds=${ROUNDS:-1}
 status=0
+bench="$build/bench/bench_resnet50"
+read -ra extra <<< "${BENCH_ARGS:-}"
+read -ra ddp_extra <<< "${DDP_ARGS:-}"
+if [ "${SKIP_MPU:-0}" != 1 ] && [ ! -x "$bench" ]; then
+  echo "run_resnet_bench.sh: $bench is missing; build it first (cmake --build $build --target bench_resnet50)" >&2
+  exit 1
+fi
+if [ "$rounds" -gt 1 ]; then
+  mkdir -p "$out/parts"
+  rm -f "$out/parts"/*.json
+  for ((r = 1; r <= rounds; r++)); do
+    for n in "${counts[@]}"; do
+      echo "run_resnet_bench.sh: round $r of $rounds, $n GPU(s)"
+      if [ "${SKIP_MPU:-0}" != 1 ]; then
+        "$bench" --gpus "$n" --precision "$precisions" --strategy "$strategies" --batch-size "$batch" \
+          --warmup "$warmup" --iters "$iters" --wire-dtype "$wire" "${extra[@]}" \
+          --json "$out/parts/mpu_r${r}_n${n}.json" 2>&1 | tee -a "$out/mpu.log" || status=1
+      fi
+      if [ "${SKIP_DDP:-0}" != 1 ]; then
+        python3 bench/ddp_reference.py --gpus "$n" --precision "$precisions" --batch-size "$batch" \
+          --warmup "$warmup" --iters "$iters" "${ddp_extra[@]}" \
+          --json "$out/parts/ddp_r${r}_n${n}.json" 2>&1 | tee -a "$out/ddp.log" || status=1
+      fi
+    done
+  done
+  python3 bench/resnet_report.py --from "$out" || status=1
+  exit $status
+fi
+rm -rf "$out/parts"  # parts of an earlier interleaved run would replace this run's JSON
 if [ "${SKIP_MPU:-0}" != 1 ]; then
-  bench="$build/bench/bench_resnet50"
-  if [ ! -x "$bench" ]; then
-    echo "run_resnet_bench.sh: $bench is missing; build it first (cmake --build $build --target bench_resnet50)" >&2
-    exit 1
-  fi
-  read -ra extra <<< "${BENCH_ARGS:-}"
   "$bench" --gpus "$gpus" --precision "$precisions" --strategy "$strategies" --batch-size "$batch" \
     --warmup "$warmup" --iters "$iters" --wire-dtype "$wire" "${extra[@]}" --json "$out/mpu.json" \
     2>&1 | tee "$out/mpu.log" || status=1
 fi
 if [ "${SKIP_DDP:-0}" != 1 ]; then
-  read -ra ddp_extra <<< "${DDP_ARGS:-}"
   python3 bench/ddp_reference.py --gpus "$gpus" --precision "$precisions" --batch-size "$batch" \
     --warmup "$warmup" --iters "$iters" "${ddp_extra[@]}" --json "$out/ddp.json" 2>&1 | tee "$out/ddp.log" || status=1
 fi

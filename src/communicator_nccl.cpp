@@ -147,14 +147,16 @@ class CudaEvent {
 class CudaStream {
  public:
   CudaStream() = default;
-  // A non-blocking stream (no implicit sync with the legacy default stream) of the highest
-  // priority, so that communication kernels are scheduled ahead of queued compute.
-  static CudaStream create_high_priority() {
+  // A non-blocking stream (no implicit sync with the legacy default stream), of the highest
+  // priority when `high` (communication kernels are scheduled ahead of queued compute), else of
+  // the default priority.
+  static CudaStream create(bool high) {
     int least = 0;
     int greatest = 0;
     MPU_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     CudaStream stream;
-    MPU_CUDA_CHECK(cudaStreamCreateWithPriority(&stream.stream_, cudaStreamNonBlocking, greatest));
+    MPU_CUDA_CHECK(cudaStreamCreateWithPriority(&stream.stream_, cudaStreamNonBlocking,
+                                                high ? greatest : least));
     return stream;
   }
   CudaStream(CudaStream&& other) noexcept : stream_(std::exchange(other.stream_, nullptr)) {}
@@ -202,6 +204,15 @@ bool blocking_requested() {
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
+// MPU_NCCL_STREAM_PRIORITY: true for "high" or unset, false for "normal"; anything else is refused.
+bool high_priority_requested() {
+  const char* value = std::getenv(kEnvNcclStreamPriority);
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "high") == 0) return true;
+  MPU_CHECK(std::strcmp(value, "normal") == 0, kEnvNcclStreamPriority, "=\"", value,
+            "\" is not a stream priority; use \"high\" (the default) or \"normal\"");
+  return false;
+}
+
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(const NcclUniqueId& id, int rank, int size, int device_index,
@@ -217,7 +228,7 @@ class NcclCommunicator final : public Communicator {
               device_index, " is not one of the ", devices, " visible CUDA devices");
     detail::ignore_sigpipe();  // NCCL's bootstrap and proxy talk over sockets too
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
-    stream_ = CudaStream::create_high_priority();
+    stream_ = CudaStream::create(high_priority_requested());
     ready_ = CudaEvent::create();
 
     const bool blocking = blocking_requested();

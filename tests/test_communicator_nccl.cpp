@@ -6,12 +6,14 @@
 #include "catch_torch.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <thread>
 #include <vector>
 
 #include "collective_checks.h"
 #include "mpu/communicator.h"
 #include "mpu/config.h"
+#include "mpu/defaults.h"
 #include "mpu/launch.h"
 #include "multiprocess.h"
 
@@ -205,6 +207,32 @@ TEST_CASE("NCCL: creating a communicator times out when a rank never joins",
                           "did not finish ncclCommInitRankConfig within 3 s");
         const double waited = seconds_since(start);
         MPU_EXPECT(waited >= 2.5 && waited < 7, "the 3 s timeout fired after ", waited, " s");
+      },
+      options);
+}
+
+TEST_CASE("NCCL: MPU_NCCL_STREAM_PRIORITY normal works, and a bad value is refused by name",
+          "[nccl][multiprocess]") {
+  if (nccl_world_sizes().empty()) return;
+  mpu::test::RunOptions options;
+  options.devices = gpus(2);
+  mpu::test::run_ranks(
+      2,
+      [](const mpu::SpawnContext& ctx) {
+        ::setenv(mpu::kEnvNcclStreamPriority, "normal", 1);
+        {
+          auto comm = ctx.make_communicator();
+          torch::Tensor t =
+              torch::full({8}, ctx.rank + 1.0, torch::TensorOptions().device(ctx.device));
+          comm->allreduce(t);
+          MPU_EXPECT_EQUAL(t.cpu(), torch::full({8}, 3.0),
+                           "[allreduce on a normal-priority stream]");
+        }
+        ::setenv(mpu::kEnvNcclStreamPriority, "fast", 1);
+        MPU_EXPECT_THROWS(ctx.make_communicator(), mpu::InvalidArgument,
+                          "MPU_NCCL_STREAM_PRIORITY=\"fast\" is not a stream priority; use "
+                          "\"high\" (the default) or \"normal\"");
+        ::unsetenv(mpu::kEnvNcclStreamPriority);
       },
       options);
 }

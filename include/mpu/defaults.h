@@ -62,6 +62,10 @@ inline constexpr std::chrono::milliseconds kCommWatchdogInterval{100};
 /// "1": create NCCL communicators in blocking mode. The default, non-blocking mode lets a
 /// rendezvous or a first collective that a peer never joins time out instead of hanging.
 inline constexpr const char* kEnvNcclBlocking = "MPU_NCCL_BLOCKING";
+/// "high" (the default) or "normal": the CUDA priority of an NCCL communicator's stream. High
+/// lets communication kernels be scheduled ahead of queued compute; normal is what
+/// torch.distributed's ProcessGroupNCCL uses. For measuring which overlaps backward better.
+inline constexpr const char* kEnvNcclStreamPriority = "MPU_NCCL_STREAM_PRIORITY";
 /// Network interface for Gloo (the same variable torch.distributed reads).
 inline constexpr const char* kEnvGlooSocketIfname = "GLOO_SOCKET_IFNAME";
 /// Set to "True" by torchrun when its agent hosts the store at MASTER_ADDR:MASTER_PORT.
