@@ -169,14 +169,14 @@ std::vector<ScalingChange> apply_scaling(torch::optim::Optimizer& optimizer, int
     changes = rescale_eps<RMSpropOptions>(optimizer, n, "RMSprop", true);
   } else {
     MPU_THROW(InvalidArgument, "apply_scaling: no rescaling rule for optimizer type ", name,
-              " with gradients summed over ", n,
-              " processes. Register one with mpu::register_scaling_rule<", name,
+              " with a sum of ", n,
+              " gradients per step. Register one with mpu::register_scaling_rule<", name,
               ">(...), or opt out with ScalingPolicy::sum_unscaled() or use "
               "ScalingPolicy::mean()");
   }
   for (const auto& c : changes) {
     MPU_LOG_INFO("rescaled ", c.optimizer, " param group ", c.group, ": ", c.option, " ", c.before,
-                 " -> ", c.after, " (gradients summed over ", n, " processes)");
+                 " -> ", c.after, " (a sum of ", n, " gradients per step)");
   }
   return changes;
 }

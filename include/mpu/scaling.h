@@ -64,8 +64,8 @@ struct ScalingChange {
   double after = 0;
 };
 
-/// A rescaling rule: changes the optimizer for gradients summed over `n` processes and returns
-/// what it changed.
+/// A rescaling rule: changes the optimizer for a sum of `n` gradients per step (processes times
+/// accumulation steps) and returns what it changed.
 using ScalingRule = std::function<std::vector<ScalingChange>(torch::optim::Optimizer&, int n)>;
 
 /// Registers `rule` for optimizers whose dynamic type is exactly `type`. A registered rule takes
@@ -84,7 +84,8 @@ void register_scaling_rule(std::string name, Fn fn) {
 ScalingChange scale_option(double& value, double factor, const std::string& optimizer,
                            std::size_t group, const std::string& option);
 
-/// Applies `policy` to `optimizer` for `n` processes and returns what changed (empty for
+/// Applies `policy` to `optimizer` for a sum of `n` gradients per step (the updaters pass
+/// processes times accumulation steps) and returns what changed (empty for
 /// `mean()`, `sum_unscaled()` and n == 1). Each change is logged once, with its old and new
 /// values. Call it exactly once per optimizer; the updaters do, at construction, and their
 /// `load()` restores the saved (already rescaled) options without rescaling again.
