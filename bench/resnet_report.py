@@ -78,7 +78,14 @@ def merge_rounds(src):
             chosen = dict(rows[(len(rows) - 1) // 2])
             chosen["samples"] = [row["images_per_s"] for row in rows]
             merged["results"].append(chosen)
-        merged["results"] += failed
+        # A failure is reported once per row, and only when no round of that row succeeded (the
+        # median row then counts fewer samples than rounds).
+        seen = set()
+        for row in failed:
+            key = (row.get("strategy"), row.get("precision"), row.get("gpus"))
+            if key not in groups and key not in seen:
+                seen.add(key)
+                merged["results"].append(row)
         with open(os.path.join(src, f"{name}.json"), "w") as f:
             json.dump(merged, f, indent=2)
     return len(rounds)

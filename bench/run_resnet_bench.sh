@@ -86,7 +86,8 @@ if [ "${SKIP_MPU:-0}" != 1 ] && [ ! -x "$bench" ]; then
 fi
 if [ "$rounds" -gt 1 ]; then
   mkdir -p "$out/parts"
-  rm -f "$out/parts"/*.json
+  # Nothing of an earlier run may pass for this one's: its parts, merged JSON and logs.
+  rm -f "$out/parts"/*.json "$out/mpu.json" "$out/ddp.json" "$out/mpu.log" "$out/ddp.log"
   for ((r = 1; r <= rounds; r++)); do
     for n in "${counts[@]}"; do
       echo "run_resnet_bench.sh: round $r of $rounds, $n GPU(s)"

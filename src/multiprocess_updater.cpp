@@ -5,8 +5,9 @@
 // Messages, master -> worker: 'R' + rendezvous (NCCL unique id, or the TCPStore port), then
 // 'U' (update), 'S' + three blobs (load state: the iterator's, the optimizer's (empty under
 // MasterStep) and the iteration; parameters follow by broadcast), 'P' (send your iterator
-// state), 'G' (join the gather of the sharded optimizer state for a save), 'F' (finish). Worker ->
-// master: 'P' replies, and 'E' + text when the worker fails, just before it exits.
+// state), 'G' (join the gather of the sharded optimizer state for a save), 'F' (finish), 'A'
+// (finish without finalising the communicator: the master is failing and has aborted its own).
+// Worker -> master: 'P' replies, and 'E' + text when the worker fails, just before it exits.
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -234,7 +235,7 @@ struct WorkerSet {
     if (watch) watch->stop();
     for (auto& w : workers) {
       if (w.fd >= 0) {
-        const char f = 'F';
+        const char f = failing ? 'A' : 'F';
         (void)::send(w.fd, &f, 1, MSG_NOSIGNAL);
         // A worker blocked in a collective or in user code cannot read the 'F'; its watch of
         // the master sees the socket close and ends it (status 5).
@@ -446,7 +447,7 @@ void MultiprocessParallelUpdater::start() {
   // them. Destroying the NCCL communicator would run ncclCommFinalize, which waits for the
   // collectives in flight, and the master may be blocked in one that waits for this worker: the
   // worker would never exit, and the master's watch (which acts on the worker's exit) would never
-  // fire. Only an orderly 'F' destroys them, on every rank alike.
+  // fire. Only an orderly 'F' finalises them, on every rank alike.
   std::shared_ptr<Communicator> comm;
   std::unique_ptr<detail::SyncEngine> step;
   try {
@@ -486,7 +487,12 @@ void MultiprocessParallelUpdater::start() {
     Iterator& iterator = *iterators_[k];
     std::int64_t iteration = iteration_;
     for (;;) {
-      if (!detail::read_all(fd, &tag, 1)) break;  // the master is gone
+      // The master gone, or failing: its end of the communicator is aborted, so finalising
+      // ours would wait for it in vain. Abort ours too, and leave.
+      if (!detail::read_all(fd, &tag, 1) || tag == 'A') {
+        comm->abort();
+        break;
+      }
       if (tag == 'F') break;
       if (tag == 'U') {
         sink.clear();

@@ -185,8 +185,10 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
   }
 
   const auto opts = torch::TensorOptions().device(flat_.device());
-  if (!solo_ && (!zero_copy || options.wire_dtype != flat_.dtype())) {
-    wire_ = torch::empty({flat_.numel()}, opts.dtype(options.wire_dtype));
+  if (solo_ ? !zero_copy : (!zero_copy || options.wire_dtype != flat_.dtype())) {
+    // One rank sends nothing: its gather buffer (not zero-copy) stays fp32, without the wire's
+    // rounding.
+    wire_ = torch::empty({flat_.numel()}, opts.dtype(solo_ ? torch::kFloat : options.wire_dtype));
   }
   if (!solo_ && !zero_copy && strategy_ == Strategy::kMasterStep) {
     param_wire_ = torch::empty({flat_.numel()}, opts.dtype(torch::kFloat));
@@ -300,9 +302,13 @@ void SyncEngine::launch(std::size_t bucket) {
 
 void SyncEngine::reduce_whole() {
   torch::NoGradGuard no_grad;
-  // Not zero-copy: gather the gradients into the wire buffer, reduce it, scatter it back.
+  // Not zero-copy: gather the gradients into the wire buffer, reduce it, scatter it back. One
+  // rank only scales: the same gather and scatter give it the same semantics (tied parameters
+  // counted once, a zero gradient for a parameter that got none).
   flat_.gather_into(FlatTarget::kGrad, wire_, prescale_);
-  if (strategy_ == Strategy::kReplicated) {
+  if (solo_) {
+    // Nothing to reduce.
+  } else if (strategy_ == Strategy::kReplicated) {
     comm_.allreduce(wire_, op_);
   } else {
     comm_.reduce(wire_, 0, op_);
@@ -335,15 +341,15 @@ bool SyncEngine::gradients_finite() {
     auto g = flat_.flat_grad().narrow(0, shard_offset_, shard_numel_);
     bad = torch::isfinite(g).logical_not().any().to(torch::kFloat).reshape({1});
   } else if (receives_gradients()) {
-    const torch::Tensor g = flat_.zero_copy() ? flat_.flat_grad()
-                            : wire_.defined() ? wire_
-                                              : flat_.gather(FlatTarget::kGrad);
+    const auto& g = flat_.zero_copy() ? flat_.flat_grad() : wire_;
     bad = torch::isfinite(g).logical_not().any().to(torch::kFloat).reshape({1});
   }
   // Sharded ranks each see a shard: agree on the verdict. Under MasterStep only rank 0 has the
   // reduced gradients: it tells the others, so that every rank counts the skip. Replicated
   // ranks all hold the same reduced values and decide alike.
-  if (strategy_ == Strategy::kSharded) {
+  if (solo_) {
+    // One verdict, nobody to tell.
+  } else if (strategy_ == Strategy::kSharded) {
     comm_.allreduce(bad, ReduceOp::kSum);
   } else if (strategy_ == Strategy::kMasterStep) {
     comm_.broadcast(bad, 0);
@@ -353,19 +359,12 @@ bool SyncEngine::gradients_finite() {
 
 void SyncEngine::scale_local_gradients() {
   const double factor = prescale_ * postscale_;
-  if (factor == 1.0) return;
-  if (flat_.zero_copy()) {
-    flat_.flat_grad().mul_(factor);
-    return;
-  }
-  for (auto& p : model_.parameters()) {
-    if (p.grad().defined()) p.mutable_grad().mul_(factor);
-  }
+  if (factor != 1.0) flat_.flat_grad().mul_(factor);
 }
 
 bool SyncEngine::finish(std::int64_t iteration) {
   torch::NoGradGuard no_grad;
-  if (solo_) {
+  if (solo_ && flat_.zero_copy()) {
     scale_local_gradients();
   } else if (strategy_ == Strategy::kSharded) {
     reduce_scatter_whole();

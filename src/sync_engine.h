@@ -118,7 +118,7 @@ class SyncEngine {
   std::int64_t drift_interval_;
   bool steps_here_;
   // One rank: nothing to communicate. The gradients are only scaled (the mean over
-  // accumulation steps), and no collective is issued, as DDP would still issue.
+  // accumulation steps), and no collective is issued (DDP still issues its allreduces).
   bool solo_;
   FlatBuffer flat_;
   torch::Tensor wire_;        // gradients on the wire, when they are not the flat buffer itself

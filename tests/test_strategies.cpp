@@ -40,6 +40,23 @@ std::shared_ptr<MlpImpl> make_mlp() {
   return Mlp().ptr();
 }
 
+// A model whose parameters have two dtypes, so that the flat buffer cannot be zero-copy.
+struct MixedImpl : torch::nn::Module {
+  MixedImpl() {
+    a = register_module("a", torch::nn::Linear(kIn, kOut));
+    s = register_parameter("s", torch::ones({kOut}, torch::kDouble));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return a->forward(x) * s.to(torch::kFloat); }
+  torch::nn::Linear a{nullptr};
+  torch::Tensor s;
+};
+TORCH_MODULE(Mixed);
+
+std::shared_ptr<MixedImpl> make_mixed() {
+  mpu::manual_seed(78);
+  return Mixed().ptr();
+}
+
 std::shared_ptr<mpu::TensorDataset> make_examples(std::int64_t n) {
   mpu::manual_seed(5);
   return std::make_shared<mpu::TensorDataset>(torch::randn({n, kIn}),
@@ -232,6 +249,46 @@ TEST_CASE("One rank issues no collective per step and equals one process, every 
       MPU_EXPECT(comm->sequence_number() == before, mpu::to_string(strategy), ": ",
                  comm->sequence_number() - before, " collectives in ", kSteps,
                  " steps on one rank");
+    }
+    // Parameters of two dtypes (no zero-copy flat buffer): the gradients are gathered, scaled
+    // and scattered back, as with several ranks, still without a collective, also with the
+    // non-finite check on. The reference: the plain updater with the same accumulation.
+    for (auto strategy : {mpu::Strategy::kMasterStep, mpu::Strategy::kReplicated}) {
+      auto run = [&](bool distributed) {
+        auto all = make_examples(2 * kMicro * kSteps);
+        auto net = make_mixed();
+        torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+        auto o = with(strategy);
+        o.accumulation_steps = 2;
+        o.scaling = mpu::ScalingPolicy::mean();
+        o.skip_nonfinite = true;
+        o.flat_step = false;
+        auto loss = [net](const mpu::Batch& b) {
+          return torch::nn::functional::cross_entropy(net->forward(b.data), b.target);
+        };
+        auto it = rank_iterator(all, 0, 1, 2);
+        std::uint64_t collectives = 0;
+        if (distributed) {
+          auto comm = ctx.make_communicator();
+          mpu::DistributedUpdater updater(net, opt, it, loss, comm, o);
+          const auto before = comm->sequence_number();
+          for (int i = 0; i < kSteps; ++i) updater.update();
+          collectives = comm->sequence_number() - before;
+        } else {
+          mpu::StandardUpdater updater(net, opt, it, loss, torch::kCPU, o);
+          for (int i = 0; i < kSteps; ++i) updater.update();
+        }
+        MPU_EXPECT(collectives == 0, collectives, " collectives on one rank, mixed dtypes");
+        return net->parameters();
+      };
+      const auto mine = run(true);
+      const auto reference = run(false);
+      for (std::size_t i = 0; i < mine.size(); ++i) {
+        MPU_EXPECT(mine[i].scalar_type() == reference[i].scalar_type() &&
+                       torch::allclose(mine[i], reference[i], 1e-5, 1e-6),
+                   mpu::to_string(strategy), ", mixed dtypes: parameter ", i,
+                   " differs from the plain updater's");
+      }
     }
   });
 }
