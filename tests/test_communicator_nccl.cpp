@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -104,41 +105,45 @@ TEST_CASE("NCCL sequence numbers and barrier", "[nccl][multiprocess]") {
 
 #if MPU_HAS_NCCL
 
+namespace {
+
+// Runs `body` on ranks 0 and 1, on cuda:0 and cuda:1, with the given collective timeout.
+void on_two_gpus(const std::function<void(const mpu::SpawnContext&)>& body,
+                 std::chrono::milliseconds timeout = mpu::test::RunOptions{}.timeout) {
+  mpu::test::RunOptions options;
+  options.devices = gpus(2);
+  options.timeout = timeout;
+  mpu::test::run_ranks(2, body, options);
+}
+
+}  // namespace
+
 TEST_CASE("NCCL collectives are ordered after and before torch's current stream",
           "[nccl][multiprocess]") {
   if (nccl_world_sizes().empty()) return;
-  mpu::test::RunOptions options;
-  options.devices = gpus(2);
-  mpu::test::run_ranks(
-      2,
-      [](const mpu::SpawnContext& ctx) {
-        auto comm = ctx.make_communicator();
-        // A side stream as torch's current stream, busy with a long chain of kernels that the
-        // collective must wait for; the result is read on the same stream without a host sync.
-        c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool(false, ctx.device.index()));
-        const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
-        torch::Tensor t = torch::zeros({1 << 24}, options);
-        for (int i = 0; i <= ctx.rank; ++i) {
-          for (int k = 0; k < 50; ++k) t.add_(1.0 / 50);
-        }
-        t.round_();  // rank r holds r + 1 everywhere
-        comm->allreduce(t);
-        torch::Tensor total = t.sum();  // queued on the current stream after the collective
-        const double expected = 3.0 * (1 << 24);
-        MPU_EXPECT(total.item<double>() == expected, "sum ", total.item<double>(), " expected ",
-                   expected);
-      },
-      options);
+  on_two_gpus([](const mpu::SpawnContext& ctx) {
+    auto comm = ctx.make_communicator();
+    // A side stream as torch's current stream, busy with a long chain of kernels that the
+    // collective must wait for; the result is read on the same stream without a host sync.
+    c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool(false, ctx.device.index()));
+    const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
+    torch::Tensor t = torch::zeros({1 << 24}, options);
+    for (int i = 0; i <= ctx.rank; ++i) {
+      for (int k = 0; k < 50; ++k) t.add_(1.0 / 50);
+    }
+    t.round_();  // rank r holds r + 1 everywhere
+    comm->allreduce(t);
+    torch::Tensor total = t.sum();  // queued on the current stream after the collective
+    const double expected = 3.0 * (1 << 24);
+    MPU_EXPECT(total.item<double>() == expected, "sum ", total.item<double>(), " expected ",
+               expected);
+  });
 }
 
 TEST_CASE("NCCL: a rank that skips a collective makes the others time out",
           "[nccl][multiprocess]") {
   if (nccl_world_sizes().empty()) return;
-  mpu::test::RunOptions options;
-  options.devices = gpus(2);
-  options.timeout = std::chrono::milliseconds(3000);
-  mpu::test::run_ranks(
-      2,
+  on_two_gpus(
       [](const mpu::SpawnContext& ctx) {
         auto comm = ctx.make_communicator();
         torch::Tensor t = torch::ones({1 << 20}, torch::TensorOptions().device(ctx.device));
@@ -158,16 +163,12 @@ TEST_CASE("NCCL: a rank that skips a collective makes the others time out",
         MPU_EXPECT_THROWS(comm->broadcast(t, 0), mpu::Timeout, "the communicator was aborted");
         MPU_EXPECT_THROWS(comm->barrier(), mpu::CommError, "timed out after 3 s");
       },
-      options);
+      std::chrono::milliseconds(3000));
 }
 
 TEST_CASE("NCCL: a first collective that a peer never joins times out", "[nccl][multiprocess]") {
   if (nccl_world_sizes().empty()) return;
-  mpu::test::RunOptions options;
-  options.devices = gpus(2);
-  options.timeout = std::chrono::milliseconds(3000);
-  mpu::test::run_ranks(
-      2,
+  on_two_gpus(
       [](const mpu::SpawnContext& ctx) {
         auto comm = ctx.make_communicator();
         if (ctx.rank == 1) {
@@ -186,17 +187,13 @@ TEST_CASE("NCCL: a first collective that a peer never joins times out", "[nccl][
         const double waited = seconds_since(start);
         MPU_EXPECT(waited >= 2.5 && waited < 7, "the 3 s timeout fired after ", waited, " s");
       },
-      options);
+      std::chrono::milliseconds(3000));
 }
 
 TEST_CASE("NCCL: creating a communicator times out when a rank never joins",
           "[nccl][multiprocess]") {
   if (nccl_world_sizes().empty()) return;
-  mpu::test::RunOptions options;
-  options.devices = gpus(2);
-  options.timeout = std::chrono::milliseconds(3000);
-  mpu::test::run_ranks(
-      2,
+  on_two_gpus(
       [](const mpu::SpawnContext& ctx) {
         if (ctx.rank == 1) {
           std::this_thread::sleep_for(std::chrono::seconds(6));
@@ -208,58 +205,46 @@ TEST_CASE("NCCL: creating a communicator times out when a rank never joins",
         const double waited = seconds_since(start);
         MPU_EXPECT(waited >= 2.5 && waited < 7, "the 3 s timeout fired after ", waited, " s");
       },
-      options);
+      std::chrono::milliseconds(3000));
 }
 
 TEST_CASE("NCCL: MPU_NCCL_STREAM_PRIORITY normal works, and a bad value is refused by name",
           "[nccl][multiprocess]") {
   if (nccl_world_sizes().empty()) return;
-  mpu::test::RunOptions options;
-  options.devices = gpus(2);
-  mpu::test::run_ranks(
-      2,
-      [](const mpu::SpawnContext& ctx) {
-        ::setenv(mpu::kEnvNcclStreamPriority, "normal", 1);
-        {
-          auto comm = ctx.make_communicator();
-          torch::Tensor t =
-              torch::full({8}, ctx.rank + 1.0, torch::TensorOptions().device(ctx.device));
-          comm->allreduce(t);
-          MPU_EXPECT_EQUAL(t.cpu(), torch::full({8}, 3.0),
-                           "[allreduce on a normal-priority stream]");
-        }
-        ::setenv(mpu::kEnvNcclStreamPriority, "fast", 1);
-        MPU_EXPECT_THROWS(ctx.make_communicator(), mpu::InvalidArgument,
-                          "MPU_NCCL_STREAM_PRIORITY=\"fast\" is not a stream priority; use "
-                          "\"high\" (the default) or \"normal\"");
-        ::unsetenv(mpu::kEnvNcclStreamPriority);
-      },
-      options);
+  on_two_gpus([](const mpu::SpawnContext& ctx) {
+    ::setenv(mpu::kEnvNcclStreamPriority, "normal", 1);
+    {
+      auto comm = ctx.make_communicator();
+      torch::Tensor t = torch::full({8}, ctx.rank + 1.0, torch::TensorOptions().device(ctx.device));
+      comm->allreduce(t);
+      MPU_EXPECT_EQUAL(t.cpu(), torch::full({8}, 3.0), "[allreduce on a normal-priority stream]");
+    }
+    ::setenv(mpu::kEnvNcclStreamPriority, "fast", 1);
+    MPU_EXPECT_THROWS(ctx.make_communicator(), mpu::InvalidArgument,
+                      "MPU_NCCL_STREAM_PRIORITY=\"fast\" is not a stream priority; use "
+                      "\"high\" (the default) or \"normal\"");
+    ::unsetenv(mpu::kEnvNcclStreamPriority);
+  });
 }
 
 TEST_CASE("NCCL argument checks: device and dtype", "[nccl][multiprocess]") {
   if (nccl_world_sizes().empty()) return;
-  mpu::test::RunOptions options;
-  options.devices = gpus(2);
-  mpu::test::run_ranks(
-      2,
-      [](const mpu::SpawnContext& ctx) {
-        auto comm = ctx.make_communicator();
-        torch::Tensor cpu = torch::ones({4});
-        MPU_EXPECT_THROWS(comm->allreduce(cpu), mpu::InvalidArgument,
-                          "allreduce: argument `t` is float32[4] on cpu, but the communicator's "
-                          "device is cuda:");
-        const int other = 1 - ctx.rank;
-        torch::Tensor wrong_gpu = torch::ones(
-            {4}, torch::TensorOptions().device(torch::kCUDA, static_cast<c10::DeviceIndex>(other)));
-        MPU_EXPECT_THROWS(comm->broadcast(wrong_gpu, 0), mpu::InvalidArgument, "on cuda:");
-        MPU_EXPECT(comm->sequence_number() == 0,
-                   "argument errors were counted: ", comm->sequence_number());
-        torch::Tensor t = torch::ones({4}, torch::TensorOptions().device(ctx.device));
-        comm->allreduce(t);
-        MPU_EXPECT_EQUAL(t.cpu(), torch::full({4}, 2.0), "[allreduce after argument errors]");
-      },
-      options);
+  on_two_gpus([](const mpu::SpawnContext& ctx) {
+    auto comm = ctx.make_communicator();
+    torch::Tensor cpu = torch::ones({4});
+    MPU_EXPECT_THROWS(comm->allreduce(cpu), mpu::InvalidArgument,
+                      "allreduce: argument `t` is float32[4] on cpu, but the communicator's "
+                      "device is cuda:");
+    const int other = 1 - ctx.rank;
+    torch::Tensor wrong_gpu = torch::ones(
+        {4}, torch::TensorOptions().device(torch::kCUDA, static_cast<c10::DeviceIndex>(other)));
+    MPU_EXPECT_THROWS(comm->broadcast(wrong_gpu, 0), mpu::InvalidArgument, "on cuda:");
+    MPU_EXPECT(comm->sequence_number() == 0,
+               "argument errors were counted: ", comm->sequence_number());
+    torch::Tensor t = torch::ones({4}, torch::TensorOptions().device(ctx.device));
+    comm->allreduce(t);
+    MPU_EXPECT_EQUAL(t.cpu(), torch::full({4}, 2.0), "[allreduce after argument errors]");
+  });
 }
 
 #endif  // MPU_HAS_NCCL
