@@ -443,11 +443,12 @@ void MultiprocessParallelUpdater::start() {
 
 [[noreturn]] void MultiprocessParallelUpdater::run_worker(int k, int fd) noexcept {
   int code = 0;
-  // Outside the try block: a worker that fails leaves through _exit() below without destroying
-  // them. Destroying the NCCL communicator would run ncclCommFinalize, which waits for the
-  // collectives in flight, and the master may be blocked in one that waits for this worker: the
-  // worker would never exit, and the master's watch (which acts on the worker's exit) would never
-  // fire. Only an orderly 'F' finalises them, on every rank alike.
+  // Outside the try block: a worker that fails sends its 'E' and leaves through _exit() below
+  // without tearing them down, whatever the backend. A finalise would wait for the collectives in
+  // flight, and the master may be blocked in one that waits for this worker, whose exit is what
+  // the master's watch acts on. (The NCCL communicator also aborts rather than finalises when
+  // destroyed during unwinding; this keeps the worker's way out independent of that.) Only an
+  // orderly 'F' finalises them, on every rank alike.
   std::shared_ptr<Communicator> comm;
   std::unique_ptr<detail::SyncEngine> step;
   try {

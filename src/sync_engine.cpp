@@ -357,15 +357,11 @@ bool SyncEngine::gradients_finite() {
   return bad.item<float>() == 0.0f;
 }
 
-void SyncEngine::scale_local_gradients() {
-  const double factor = prescale_ * postscale_;
-  if (factor != 1.0) flat_.flat_grad().mul_(factor);
-}
-
 bool SyncEngine::finish(std::int64_t iteration) {
   torch::NoGradGuard no_grad;
   if (solo_ && flat_.zero_copy()) {
-    scale_local_gradients();
+    // Nothing to reduce: only the mean over accumulation steps, where asked, is left to apply.
+    if (prescale_ * postscale_ != 1.0) flat_.flat_grad().mul_(prescale_ * postscale_);
   } else if (strategy_ == Strategy::kSharded) {
     reduce_scatter_whole();
   } else if (!flat_.zero_copy()) {

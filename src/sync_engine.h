@@ -104,7 +104,6 @@ class SyncEngine {
   void reduce_scatter_whole();
   bool receives_gradients() const;
   bool gradients_finite();
-  void scale_local_gradients();
   void check_drift(std::int64_t iteration);
 
   torch::nn::Module& model_;
