@@ -19,6 +19,21 @@ namespace mpu {
 
 Communicator::~Communicator() = default;
 
+// Synchronous backends: the result is there when the call returns, so deferring the join changes
+// nothing. A backend that overrides none of these still orders correctly: synchronize() waits
+// on the host for more than join() promises.
+void Communicator::allreduce_async(torch::Tensor& t, ReduceOp op) {
+  allreduce(t, op);
+}
+
+void Communicator::reduce_async(torch::Tensor& t, int root, ReduceOp op) {
+  reduce(t, root, op);
+}
+
+void Communicator::join() {
+  synchronize();
+}
+
 const char* to_string(ReduceOp op) {
   switch (op) {
     case ReduceOp::kSum:

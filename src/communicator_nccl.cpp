@@ -3,7 +3,8 @@
 //
 // Who waits for whom, per collective (see communicator.h):
 //   current stream --ready_--> comm stream: NCCL kernel --done--> current stream.
-// The host returns once both waits are enqueued. The done events of the collectives in flight
+// The _async collectives leave out the second wait; join() records `joined_` on the comm stream
+// and makes the current stream wait for it. The host returns once the waits are enqueued. The done events of the collectives in flight
 // sit in `pending_`, oldest first. The watchdog thread wakes every kCommWatchdogInterval, pops
 // the finished ones, and aborts the communicator when the oldest is older than the timeout or
 // NCCL reports an asynchronous error. Every NCCL call on the communicator happens under
@@ -230,6 +231,7 @@ class NcclCommunicator final : public Communicator {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
     stream_ = CudaStream::create(high_priority_requested());
     ready_ = CudaEvent::create();
+    joined_ = CudaEvent::create();
 
     const bool blocking = blocking_requested();
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -295,16 +297,9 @@ class NcclCommunicator final : public Communicator {
   std::string backend() const override { return "nccl"; }
   std::uint64_t sequence_number() const override { return seq_.load(); }
 
-  void reduce(torch::Tensor& t, int root, ReduceOp op) override {
-    detail::check_tensor("reduce", "t", t, device());
-    detail::check_root("reduce", root, size_);
-    if (t.numel() == 0) return count_empty("reduce");
-    void* data = t.data_ptr();
-    const auto count = static_cast<std::size_t>(t.numel());
-    const ncclDataType_t dtype = nccl_dtype(t.scalar_type());
-    enqueue("reduce", [&](ncclComm_t comm, cudaStream_t stream) {
-      return ncclReduce(data, data, count, dtype, nccl_op(op), root, comm, stream);
-    });
+  void reduce(torch::Tensor& t, int root, ReduceOp op) override { reduce_on(t, root, op, true); }
+  void reduce_async(torch::Tensor& t, int root, ReduceOp op) override {
+    reduce_on(t, root, op, false);
   }
 
   void broadcast(torch::Tensor& t, int root) override {
@@ -319,15 +314,18 @@ class NcclCommunicator final : public Communicator {
     });
   }
 
-  void allreduce(torch::Tensor& t, ReduceOp op) override {
-    detail::check_tensor("allreduce", "t", t, device());
-    if (t.numel() == 0) return count_empty("allreduce");
-    void* data = t.data_ptr();
-    const auto count = static_cast<std::size_t>(t.numel());
-    const ncclDataType_t dtype = nccl_dtype(t.scalar_type());
-    enqueue("allreduce", [&](ncclComm_t comm, cudaStream_t stream) {
-      return ncclAllReduce(data, data, count, dtype, nccl_op(op), comm, stream);
-    });
+  void allreduce(torch::Tensor& t, ReduceOp op) override { allreduce_on(t, op, true); }
+  void allreduce_async(torch::Tensor& t, ReduceOp op) override { allreduce_on(t, op, false); }
+
+  void join() override {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
+    const cudaStream_t current =
+        c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_index_)).stream();
+    std::lock_guard<std::mutex> lock(mutex_);
+    throw_if_failed_locked("join");
+    // The comm stream runs its collectives in order: an event after the last one covers them all.
+    MPU_CUDA_CHECK(cudaEventRecord(joined_.get(), stream_.get()));
+    MPU_CUDA_CHECK(cudaStreamWaitEvent(current, joined_.get(), 0));
   }
 
   void reduce_scatter(torch::Tensor& out, const torch::Tensor& in, ReduceOp op) override {
@@ -479,10 +477,39 @@ class NcclCommunicator final : public Communicator {
     ++seq_;
   }
 
-  // Orders `launch` (one NCCL call on the comm stream) between torch's current stream and back,
-  // and registers its completion with the watchdog.
+  void reduce_on(torch::Tensor& t, int root, ReduceOp op, bool join_now) {
+    detail::check_tensor("reduce", "t", t, device());
+    detail::check_root("reduce", root, size_);
+    if (t.numel() == 0) return count_empty("reduce");
+    void* data = t.data_ptr();
+    const auto count = static_cast<std::size_t>(t.numel());
+    const ncclDataType_t dtype = nccl_dtype(t.scalar_type());
+    enqueue(
+        "reduce",
+        [&](ncclComm_t comm, cudaStream_t stream) {
+          return ncclReduce(data, data, count, dtype, nccl_op(op), root, comm, stream);
+        },
+        join_now);
+  }
+
+  void allreduce_on(torch::Tensor& t, ReduceOp op, bool join_now) {
+    detail::check_tensor("allreduce", "t", t, device());
+    if (t.numel() == 0) return count_empty("allreduce");
+    void* data = t.data_ptr();
+    const auto count = static_cast<std::size_t>(t.numel());
+    const ncclDataType_t dtype = nccl_dtype(t.scalar_type());
+    enqueue(
+        "allreduce",
+        [&](ncclComm_t comm, cudaStream_t stream) {
+          return ncclAllReduce(data, data, count, dtype, nccl_op(op), comm, stream);
+        },
+        join_now);
+  }
+
+  // Orders `launch` (one NCCL call on the comm stream) after torch's current stream, and, when
+  // `join_now`, the current stream after it; registers its completion with the watchdog.
   template <typename Launch>
-  void enqueue(const char* op, Launch&& launch) {
+  void enqueue(const char* op, Launch&& launch, bool join_now = true) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
     const cudaStream_t current =
         c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_index_)).stream();
@@ -520,7 +547,7 @@ class NcclCommunicator final : public Communicator {
       throw_if_failed_locked(op);
     }
     MPU_CUDA_CHECK(cudaEventRecord(done.get(), stream_.get()));
-    MPU_CUDA_CHECK(cudaStreamWaitEvent(current, done.get(), 0));
+    if (join_now) MPU_CUDA_CHECK(cudaStreamWaitEvent(current, done.get(), 0));
     pending_.push_back(Pending{seq, op, std::move(done), start});
   }
 
@@ -613,6 +640,7 @@ class NcclCommunicator final : public Communicator {
   // Declared before comm_: destroyed after it.
   CudaStream stream_;
   CudaEvent ready_;
+  CudaEvent joined_;
   std::vector<CudaEvent> free_events_;
   std::deque<Pending> pending_;
   NcclComm comm_;

@@ -257,6 +257,9 @@ void SyncEngine::install_hooks(const std::vector<std::pair<std::string, torch::T
 }
 
 void SyncEngine::zero_grad() {
+  // An update that threw between a bucket's launch and finish() left that collective unjoined:
+  // the zeroing must not race it.
+  if (!buckets_.empty()) comm_.join();
   flat_.zero_grad();
 }
 
@@ -293,10 +296,11 @@ void SyncEngine::launch(std::size_t bucket) {
     x = wire_.narrow(0, b.offset, b.numel);
     x.copy_(g);
   }
+  // Backward goes on meanwhile: its stream does not wait for the bucket until finish() joins.
   if (strategy_ == Strategy::kReplicated) {
-    comm_.allreduce(x, op_);
+    comm_.allreduce_async(x, op_);
   } else {
-    comm_.reduce(x, 0, op_);
+    comm_.reduce_async(x, 0, op_);
   }
 }
 
@@ -377,6 +381,7 @@ bool SyncEngine::finish(std::int64_t iteration) {
       // backward that did not run armed) go now, in order.
       while (next_bucket_ < buckets_.size()) launch(next_bucket_++);
     }
+    comm_.join();
     if (receives_gradients()) {
       auto g = flat_.flat_grad();
       if (wire_.defined()) g.copy_(wire_);

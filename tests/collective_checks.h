@@ -182,6 +182,41 @@ inline void check_round_trip(Communicator& comm) {
   }
 }
 
+/// allreduce_async and reduce_async, several in flight before one join(): the same results as
+/// their joined forms, every call counted once.
+inline void check_async(Communicator& comm) {
+  const int n = comm.size();
+  for (auto dtype : collective_dtypes()) {
+    for (std::int64_t numel : collective_sizes(n)) {
+      const std::uint64_t before = comm.sequence_number();
+      torch::Tensor sum = rank_values(numel, comm.rank(), dtype, comm.device());
+      torch::Tensor avg = rank_values(numel, comm.rank(), dtype, comm.device());
+      std::vector<torch::Tensor> reduced;
+      for (int root = 0; root < n; ++root) {
+        reduced.push_back(rank_values(numel, comm.rank(), dtype, comm.device()));
+      }
+      comm.allreduce_async(sum, ReduceOp::kSum);
+      for (int root = 0; root < n; ++root) comm.reduce_async(reduced[root], root, ReduceOp::kSum);
+      comm.allreduce_async(avg, ReduceOp::kAvg);
+      comm.join();
+      MPU_EXPECT_EQUAL(sum.cpu(), reduced_values(numel, n, ReduceOp::kSum, dtype),
+                       context(comm, "allreduce_async", dtype, numel, "sum"));
+      MPU_EXPECT_EQUAL(avg.cpu(), reduced_values(numel, n, ReduceOp::kAvg, dtype),
+                       context(comm, "allreduce_async", dtype, numel, "avg"));
+      for (int root = 0; root < n; ++root) {
+        const torch::Tensor expected = comm.rank() == root
+                                           ? reduced_values(numel, n, ReduceOp::kSum, dtype)
+                                           : rank_values(numel, comm.rank(), dtype, torch::kCPU);
+        MPU_EXPECT_EQUAL(reduced[root].cpu(), expected,
+                         context(comm, "reduce_async", dtype, numel, detail::cat("root ", root)));
+      }
+      const std::uint64_t calls = static_cast<std::uint64_t>(n) + 2;
+      MPU_EXPECT(comm.sequence_number() == before + calls, "sequence number went from ", before,
+                 " to ", comm.sequence_number(), " over ", calls, " async calls");
+    }
+  }
+}
+
 /// Every call counts once in sequence_number(), empty ones too, and all ranks agree.
 inline void check_sequence_numbers(Communicator& comm) {
   const auto options = torch::TensorOptions().dtype(torch::kFloat).device(comm.device());

@@ -65,6 +65,11 @@ TEST_CASE("Gloo reduce_scatter then allgather equals allreduce", "[communicator]
   on_gloo_ranks(mpu::test::check_round_trip);
 }
 
+TEST_CASE("Gloo allreduce_async and reduce_async, joined once, equal the joined collectives",
+          "[communicator][multiprocess]") {
+  on_gloo_ranks(mpu::test::check_async);
+}
+
 TEST_CASE("Gloo sequence numbers count every call, empty ones too",
           "[communicator][multiprocess]") {
   on_gloo_ranks(mpu::test::check_sequence_numbers);

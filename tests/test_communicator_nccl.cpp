@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <functional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -21,6 +22,7 @@
 #if MPU_HAS_NCCL
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace {
@@ -99,6 +101,11 @@ TEST_CASE("NCCL reduce_scatter then allgather equals allreduce", "[nccl][multipr
   on_nccl_ranks(mpu::test::check_round_trip);
 }
 
+TEST_CASE("NCCL allreduce_async and reduce_async, joined once, equal the joined collectives",
+          "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_async);
+}
+
 TEST_CASE("NCCL sequence numbers and barrier", "[nccl][multiprocess]") {
   on_nccl_ranks(mpu::test::check_sequence_numbers);
 }
@@ -137,6 +144,63 @@ TEST_CASE("NCCL collectives are ordered after and before torch's current stream"
     const double expected = 3.0 * (1 << 24);
     MPU_EXPECT(total.item<double>() == expected, "sum ", total.item<double>(), " expected ",
                expected);
+  });
+}
+
+TEST_CASE("NCCL allreduce_async leaves torch's current stream free until join()",
+          "[nccl][multiprocess]") {
+  if (nccl_world_sizes().empty()) return;
+  on_two_gpus([](const mpu::SpawnContext& ctx) {
+    auto comm = ctx.make_communicator();
+    const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
+    const c10::DeviceIndex index = ctx.device.index();
+    for (const bool reduce : {false, true}) {
+      const std::string key = reduce ? "async/reduce" : "async/allreduce";
+      torch::Tensor t = torch::full({1 << 20}, ctx.rank + 1.0, options);
+      if (ctx.rank == 1) {
+        // Rank 1 joins the collective only once rank 0's stream has run past it, which it can
+        // only do if it did not wait for the collective.
+        ctx.store->wait({key});
+        if (reduce) {
+          comm->reduce_async(t, 0);
+        } else {
+          comm->allreduce_async(t);
+        }
+        comm->join();
+        MPU_EXPECT_EQUAL(t.cpu(), torch::full({1 << 20}, reduce ? 2.0 : 3.0), "[rank 1]");
+        continue;
+      }
+      if (reduce) {
+        comm->reduce_async(t, 0);
+      } else {
+        comm->allreduce_async(t);
+      }
+      torch::Tensor after = torch::ones({1}, options).add_(1);  // queued after the call
+      cudaEvent_t event = nullptr;
+      MPU_EXPECT(cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess,
+                 "cudaEventCreateWithFlags failed");
+      MPU_EXPECT(cudaEventRecord(event, c10::cuda::getCurrentCUDAStream(index).stream()) ==
+                     cudaSuccess,
+                 "cudaEventRecord failed");
+      const auto start = Clock::now();
+      cudaError_t state = cudaEventQuery(event);
+      while (state == cudaErrorNotReady && seconds_since(start) < 10) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        state = cudaEventQuery(event);
+      }
+      ctx.store->set(key, std::vector<std::uint8_t>{1});  // let rank 1 in either way
+      (void)cudaEventDestroy(event);
+      MPU_EXPECT(state == cudaSuccess, key,
+                 ": work queued after the _async call did not run before the collective could "
+                 "finish (cudaEventQuery: ",
+                 cudaGetErrorString(state), " after ", seconds_since(start), " s)");
+      comm->join();
+      torch::Tensor total = t.sum();  // on the current stream, after join()
+      const double expected = 3.0 * (1 << 20);
+      MPU_EXPECT(total.item<double>() == expected, key, ": sum ", total.item<double>(),
+                 " expected ", expected);
+      MPU_EXPECT(after.item<float>() == 2.0f, "the work queued after the call ran");
+    }
   });
 }
 

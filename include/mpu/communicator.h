@@ -55,8 +55,9 @@ const char* to_string(ReduceOp op);
 /// The comm stream first waits for an event recorded on torch's current stream (so the
 /// collective sees everything queued before the call), and torch's current stream then waits
 /// for an event recorded on the comm stream after the collective (so everything queued after the
-/// call sees its result). The host does not wait: collectives return once enqueued, except
-/// `barrier()` and `synchronize()`. Tensors must be produced and consumed on torch's current
+/// call sees its result). The `_async` collectives skip the second wait until `join()`, so that
+/// compute queued after them overlaps the transfer. The host does not wait: collectives return
+/// once enqueued, except `barrier()` and `synchronize()`. Tensors must be produced and consumed on torch's current
 /// stream. A watchdog thread polls the collectives in flight and NCCL's asynchronous error
 /// against the timeout; on expiry it calls `ncclCommAbort`, which releases the GPU, and the next
 /// call on the host throws `mpu::Timeout`. Work queued on the current stream after an aborted
@@ -86,6 +87,16 @@ class Communicator {
   virtual void broadcast(torch::Tensor& t, int root) = 0;
   /// In place: every rank's `t` becomes the reduction of every rank's `t`.
   virtual void allreduce(torch::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
+  /// As `allreduce`, but torch's current stream does not wait for the result: work queued on it
+  /// after the call runs alongside the collective, and must not touch `t` until `join()` (or a
+  /// later collective without the suffix, which joins everything issued before it). Gradient
+  /// buckets go out this way during backward. CPU backends: the same as `allreduce`.
+  virtual void allreduce_async(torch::Tensor& t, ReduceOp op = ReduceOp::kSum);
+  /// As `reduce`, with the result joined like `allreduce_async`'s.
+  virtual void reduce_async(torch::Tensor& t, int root, ReduceOp op = ReduceOp::kSum);
+  /// Makes torch's current stream wait for every collective issued so far; the host does not
+  /// wait. A no-op for synchronous backends, apart from the failure check.
+  virtual void join();
   /// `in` has the same numel N on every rank. `out` receives this rank's shard of the reduction
   /// of every rank's `in`: elements [shard_offset(N), shard_offset(N) + shard_numel(N)). `out`
   /// must have exactly shard_numel(N) elements and `in`'s dtype. `in` is left unchanged. `out`
