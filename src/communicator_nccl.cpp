@@ -4,11 +4,11 @@
 // Who waits for whom, per collective (see communicator.h):
 //   current stream --ready_--> comm stream: NCCL kernel --done--> current stream.
 // The _async collectives leave out the second wait; join() records `joined_` on the comm stream
-// and makes the current stream wait for it. The host returns once the waits are enqueued. The done events of the collectives in flight
-// sit in `pending_`, oldest first. The watchdog thread wakes every kCommWatchdogInterval, pops
-// the finished ones, and aborts the communicator when the oldest is older than the timeout or
-// NCCL reports an asynchronous error. Every NCCL call on the communicator happens under
-// `mutex_`, so an abort never races an enqueue.
+// and makes the current stream wait for it. The host returns once the waits are enqueued. The done
+// events of the collectives in flight sit in `pending_`, oldest first. The watchdog thread wakes
+// every kCommWatchdogInterval, pops the finished ones, and aborts the communicator when the oldest
+// is older than the timeout or NCCL reports an asynchronous error. Every NCCL call on the
+// communicator happens under `mutex_`, so an abort never races an enqueue.
 //
 // The communicator is non-blocking (ncclConfig_t::blocking = 0) unless MPU_NCCL_BLOCKING=1: then
 // the rendezvous and a first collective whose connection setup waits for a peer return

@@ -179,9 +179,9 @@ TEST_CASE("NCCL allreduce_async leaves torch's current stream free until join()"
       cudaEvent_t event = nullptr;
       MPU_EXPECT(cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess,
                  "cudaEventCreateWithFlags failed");
-      MPU_EXPECT(cudaEventRecord(event, c10::cuda::getCurrentCUDAStream(index).stream()) ==
-                     cudaSuccess,
-                 "cudaEventRecord failed");
+      MPU_EXPECT(
+          cudaEventRecord(event, c10::cuda::getCurrentCUDAStream(index).stream()) == cudaSuccess,
+          "cudaEventRecord failed");
       const auto start = Clock::now();
       cudaError_t state = cudaEventQuery(event);
       while (state == cudaErrorNotReady && seconds_since(start) < 10) {

@@ -57,11 +57,11 @@ const char* to_string(ReduceOp op);
 /// for an event recorded on the comm stream after the collective (so everything queued after the
 /// call sees its result). The `_async` collectives skip the second wait until `join()`, so that
 /// compute queued after them overlaps the transfer. The host does not wait: collectives return
-/// once enqueued, except `barrier()` and `synchronize()`. Tensors must be produced and consumed on torch's current
-/// stream. A watchdog thread polls the collectives in flight and NCCL's asynchronous error
-/// against the timeout; on expiry it calls `ncclCommAbort`, which releases the GPU, and the next
-/// call on the host throws `mpu::Timeout`. Work queued on the current stream after an aborted
-/// collective runs on whatever the buffer held.
+/// once enqueued, except `barrier()` and `synchronize()`. Tensors must be produced and consumed on
+/// torch's current stream. A watchdog thread polls the collectives in flight and NCCL's
+/// asynchronous error against the timeout; on expiry it calls `ncclCommAbort`, which releases the
+/// GPU, and the next call on the host throws `mpu::Timeout`. Work queued on the current stream
+/// after an aborted collective runs on whatever the buffer held.
 ///
 /// CPU backends (Gloo) are synchronous: the result is in the tensor when the call returns, and a
 /// collective that outlives the timeout throws `mpu::Timeout` from that call.
