@@ -154,6 +154,14 @@ TEST_CASE("NCCL allreduce_async leaves torch's current stream free until join()"
     auto comm = ctx.make_communicator();
     const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
     const c10::DeviceIndex index = ctx.device.index();
+    {
+      // NCCL connects peers lazily, on a collective's first enqueue, which waits for the peer on
+      // the host; the same collectives once with both ranks present connect them first.
+      torch::Tensor warm = torch::ones({1 << 20}, options);
+      comm->allreduce(warm);
+      comm->reduce(warm, 0);
+      comm->synchronize();
+    }
     for (const bool reduce : {false, true}) {
       const std::string key = reduce ? "async/reduce" : "async/allreduce";
       torch::Tensor t = torch::full({1 << 20}, ctx.rank + 1.0, options);
