@@ -147,67 +147,57 @@ TEST_CASE("NCCL collectives are ordered after and before torch's current stream"
   });
 }
 
-TEST_CASE("NCCL allreduce_async leaves torch's current stream free until join()",
+TEST_CASE("NCCL allreduce_async and reduce_async leave torch's current stream free until join()",
           "[nccl][multiprocess]") {
   if (nccl_world_sizes().empty()) return;
   on_two_gpus([](const mpu::SpawnContext& ctx) {
     auto comm = ctx.make_communicator();
     const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
-    const c10::DeviceIndex index = ctx.device.index();
-    {
-      // NCCL connects peers lazily, on a collective's first enqueue, which waits for the peer on
-      // the host; the same collectives once with both ranks present connect them first.
-      torch::Tensor warm = torch::ones({1 << 20}, options);
-      comm->allreduce(warm);
-      comm->reduce(warm, 0);
-      comm->synchronize();
-    }
-    for (const bool reduce : {false, true}) {
-      const std::string key = reduce ? "async/reduce" : "async/allreduce";
-      torch::Tensor t = torch::full({1 << 20}, ctx.rank + 1.0, options);
-      if (ctx.rank == 1) {
-        // Rank 1 joins the collective only once rank 0's stream has run past it, which it can
-        // only do if it did not wait for the collective.
-        ctx.store->wait({key});
-        if (reduce) {
-          comm->reduce_async(t, 0);
-        } else {
-          comm->allreduce_async(t);
-        }
-        comm->join();
-        MPU_EXPECT_EQUAL(t.cpu(), torch::full({1 << 20}, reduce ? 2.0 : 3.0), "[rank 1]");
-        continue;
+    const cudaStream_t current = c10::cuda::getCurrentCUDAStream(ctx.device.index()).stream();
+    // Host seconds until an event recorded on the current stream now has completed (30 at most).
+    const auto seconds_until_done = [current] {
+      cudaEvent_t event = nullptr;
+      MPU_EXPECT(cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess &&
+                     cudaEventRecord(event, current) == cudaSuccess,
+                 "could not record a CUDA event");
+      const auto start = Clock::now();
+      while (cudaEventQuery(event) == cudaErrorNotReady && seconds_since(start) < 30) {
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
       }
+      (void)cudaEventDestroy(event);
+      return seconds_since(start);
+    };
+    for (const bool reduce : {false, true}) {
+      const char* op = reduce ? "reduce_async" : "allreduce_async";
+      torch::Tensor t = torch::full({1 << 20}, ctx.rank + 1.0, options);
+      comm->barrier();
+      if (ctx.rank == 1) {
+        // Rank 1's GPU reaches the collective seconds late: its comm stream waits for this.
+        torch::Tensor a = torch::full({4096, 4096}, 1.0 / 4096, options);
+        for (int i = 0; i < 1000; ++i) a = torch::mm(a, a);
+      }
+      const auto issued = Clock::now();
       if (reduce) {
         comm->reduce_async(t, 0);
       } else {
         comm->allreduce_async(t);
       }
-      torch::Tensor after = torch::ones({1}, options).add_(1);  // queued after the call
-      cudaEvent_t event = nullptr;
-      MPU_EXPECT(cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess,
-                 "cudaEventCreateWithFlags failed");
-      MPU_EXPECT(
-          cudaEventRecord(event, c10::cuda::getCurrentCUDAStream(index).stream()) == cudaSuccess,
-          "cudaEventRecord failed");
-      const auto start = Clock::now();
-      cudaError_t state = cudaEventQuery(event);
-      while (state == cudaErrorNotReady && seconds_since(start) < 10) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        state = cudaEventQuery(event);
+      if (ctx.rank == 1) {
+        comm->join();
+        MPU_EXPECT_EQUAL(t.cpu(), torch::full({1 << 20}, reduce ? 2.0 : 3.0), "[rank 1 ", op, "]");
+        continue;
       }
-      ctx.store->set(key, std::vector<std::uint8_t>{1});  // let rank 1 in either way
-      (void)cudaEventDestroy(event);
-      MPU_EXPECT(state == cudaSuccess, key,
-                 ": work queued after the _async call did not run before the collective could "
-                 "finish (cudaEventQuery: ",
-                 cudaGetErrorString(state), " after ", seconds_since(start), " s)");
+      torch::Tensor after = torch::ones({1}, options).add_(1);  // queued after the call
+      const double before_join = seconds_until_done();
       comm->join();
-      torch::Tensor total = t.sum();  // on the current stream, after join()
-      const double expected = 3.0 * (1 << 20);
-      MPU_EXPECT(total.item<double>() == expected, key, ": sum ", total.item<double>(),
-                 " expected ", expected);
+      const double joined = seconds_until_done();  // counted from when `after` was done
+      MPU_EXPECT(joined > 0.3, op, ": work queued after it finished only ", joined,
+                 " s before the collective, which waited for rank 1's GPU for seconds; the "
+                 "current stream waited for the collective (",
+                 before_join, " s, ", seconds_since(issued), " s since the call)");
       MPU_EXPECT(after.item<float>() == 2.0f, "the work queued after the call ran");
+      const double total = t.sum().item<double>();  // on the current stream, after join()
+      MPU_EXPECT(total == 3.0 * (1 << 20), op, ": sum ", total, ", expected ", 3.0 * (1 << 20));
     }
   });
 }
