@@ -154,19 +154,24 @@ TEST_CASE("NCCL allreduce_async and reduce_async leave torch's current stream fr
     auto comm = ctx.make_communicator();
     const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
     const cudaStream_t current = c10::cuda::getCurrentCUDAStream(ctx.device.index()).stream();
-    // Host seconds until an event recorded on the current stream now has completed (30 at most).
-    const auto seconds_until_done = [current] {
-      cudaEvent_t event = nullptr;
-      MPU_EXPECT(cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess &&
-                     cudaEventRecord(event, current) == cudaSuccess,
-                 "could not record a CUDA event");
+    // Host seconds until `event`, recorded on the current stream now, has completed (30 at most).
+    // The events and the tensor written after the call exist beforehand: an allocation between
+    // the call and the measurement may synchronise the device (seen: cudaMalloc waited 2.8 s for
+    // the collective).
+    cudaEvent_t events[2] = {nullptr, nullptr};
+    for (auto& e : events) {
+      MPU_EXPECT(cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess,
+                 "could not create a CUDA event");
+    }
+    const auto seconds_until_done = [current](cudaEvent_t event) {
+      MPU_EXPECT(cudaEventRecord(event, current) == cudaSuccess, "could not record a CUDA event");
       const auto start = Clock::now();
       while (cudaEventQuery(event) == cudaErrorNotReady && seconds_since(start) < 30) {
         std::this_thread::sleep_for(std::chrono::microseconds(200));
       }
-      (void)cudaEventDestroy(event);
       return seconds_since(start);
     };
+    torch::Tensor after = torch::ones({1}, options);
     {
       // NCCL connects peers lazily, for each kind of transfer, in the first enqueue of it, which
       // waits on the host for the peers (seen: 2.8 s, rank 1's GPU delay). The same collectives
@@ -197,10 +202,10 @@ TEST_CASE("NCCL allreduce_async and reduce_async leave torch's current stream fr
         MPU_EXPECT_EQUAL(t.cpu(), torch::full({1 << 20}, reduce ? 2.0 : 3.0), "[rank 1 ", op, "]");
         continue;
       }
-      torch::Tensor after = torch::ones({1}, options).add_(1);  // queued after the call
-      const double before_join = seconds_until_done();
+      after.fill_(2.0);  // queued after the call
+      const double before_join = seconds_until_done(events[0]);
       comm->join();
-      const double joined = seconds_until_done();  // counted from when `after` was done
+      const double joined = seconds_until_done(events[1]);  // counted from when `after` was done
       MPU_EXPECT(joined > 0.3, op, ": work queued after it finished only ", joined,
                  " s before the collective, which waited for rank 1's GPU for seconds; the "
                  "current stream waited for the collective (",
@@ -210,6 +215,7 @@ TEST_CASE("NCCL allreduce_async and reduce_async leave torch's current stream fr
       const double total = t.sum().item<double>();  // on the current stream, after join()
       MPU_EXPECT(total == 3.0 * (1 << 20), op, ": sum ", total, ", expected ", 3.0 * (1 << 20));
     }
+    for (auto& e : events) (void)cudaEventDestroy(e);
   });
 }
 
