@@ -155,9 +155,10 @@ TEST_CASE("NCCL allreduce_async and reduce_async leave torch's current stream fr
     const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
     const cudaStream_t current = c10::cuda::getCurrentCUDAStream(ctx.device.index()).stream();
     // Host seconds until `event`, recorded on the current stream now, has completed (30 at most).
-    // The events and the tensor written after the call exist beforehand: an allocation between
-    // the call and the measurement may synchronise the device (seen: cudaMalloc waited 2.8 s for
-    // the collective).
+    // Between the call and the measurement only kernels already loaded are launched, and nothing
+    // is allocated or created: the first launch of a kernel (CUDA loads modules lazily) or a
+    // cudaMalloc may wait for the kernels running on the device, the collective's among them.
+    // Seen on 2x H100: 2.8 s on the host after the call, before the first event was recorded.
     cudaEvent_t events[2] = {nullptr, nullptr};
     for (auto& e : events) {
       MPU_EXPECT(cudaEventCreateWithFlags(&e, cudaEventDisableTiming) == cudaSuccess,
