@@ -46,8 +46,8 @@ def merge_rounds(src):
     """Interleaved runs (run_resnet_bench.sh with ROUNDS > 1) leave one JSON per round, process
     count and implementation in SRC/parts: mpu_r<k>_n<n>.json and ddp_r<k>_n<n>.json. Writes
     SRC/mpu.json and SRC/ddp.json with, for each (strategy, precision, GPUs), the row of the
-    median images/s (the lower of the two middle ones for an even count), carrying every
-    round's images/s in "samples". Returns the number of rounds seen (0: no parts)."""
+    median images/s (for an even count, the lower middle row with the mean of the middle two
+    as its images/s), carrying every round's images/s in "samples". Returns the number of rounds seen (0: no parts)."""
     parts = os.path.join(src, "parts")
     if not os.path.isdir(parts):
         return 0
@@ -76,6 +76,11 @@ def merge_rounds(src):
         for key in sorted(groups, key=lambda k: (k[1], STRATEGIES.index(k[0]) if k[0] in STRATEGIES else 99, k[2])):
             rows = sorted(groups[key], key=lambda row: row["images_per_s"])
             chosen = dict(rows[(len(rows) - 1) // 2])
+            if len(rows) % 2 == 0:
+                # An even count: the mean of the middle two, so that the side with the wider
+                # spread is not favoured (the lower middle one would be).
+                middle = rows[len(rows) // 2 - 1:len(rows) // 2 + 1]
+                chosen["images_per_s"] = sum(row["images_per_s"] for row in middle) / 2
             chosen["samples"] = [row["images_per_s"] for row in rows]
             merged["results"].append(chosen)
         # A failure is reported once per row, and only when no round of that row succeeded (the
@@ -284,8 +289,13 @@ def rounds_text(mpu, ddp):
     rounds = max((d or {}).get("rounds", 1) for d in (mpu, ddp))
     if rounds <= 1:
         return ""
-    return (f". Each row is the median of {rounds} rounds, run interleaved (every process count: "
-            f"torch-mpu, then DDP, round after round); the lowest and highest follow in brackets")
+    counts = {len(row.get("samples") or [row]) for d in (mpu, ddp) if d for row in d.get("results", [])
+              if row.get("ok")}
+    if counts == {rounds}:
+        return (f". Each row is the median of {rounds} rounds, run interleaved (every process count: "
+                f"torch-mpu, then DDP, round after round); the lowest and highest follow in brackets")
+    return (f". Rows measured in more than one of the {rounds} rounds show the median of their rounds "
+            f"(the mean of the middle two for an even count), the lowest and highest in brackets")
 
 
 def section(r, mpu, ddp, env, plotted):
