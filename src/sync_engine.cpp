@@ -232,6 +232,14 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
 
 SyncEngine::~SyncEngine() {
   hook_target_->engine = nullptr;
+  // An update that threw may have left buckets unjoined: wire_ must not go back to the caching
+  // allocator while a collective still writes it. A failed communicator has nothing in flight.
+  if (!buckets_.empty()) {
+    try {
+      comm_.join();
+    } catch (const std::exception&) {
+    }
+  }
 }
 
 void SyncEngine::install_hooks(const std::vector<std::pair<std::string, torch::Tensor>>& named) {

@@ -4,9 +4,11 @@
 //
 // Every rank calls the same methods in the same order. Streams: the communicator orders its
 // collectives after torch's current stream and makes torch's current stream wait for them, so
-// callers need no host synchronisation. Bucketed collectives are issued from the autograd
-// engine's thread (a post hook on each parameter's gradient accumulator) while backward runs;
-// the caller's thread is blocked in backward() meanwhile, so one thread at a time uses the
+// callers need no host synchronisation; the gradient buckets are the exception: they go out with
+// the _async collectives, and torch's stream waits for them only in finish() (zero_grad() and
+// the destructor join too, after an update that threw). Bucketed collectives are issued from the
+// autograd engine's thread (a post hook on each parameter's gradient accumulator) while backward
+// runs; the caller's thread is blocked in backward() meanwhile, so one thread at a time uses the
 // communicator.
 #pragma once
 

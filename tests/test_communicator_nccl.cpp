@@ -151,6 +151,7 @@ TEST_CASE("NCCL allreduce_async and reduce_async leave torch's current stream fr
           "[nccl][multiprocess]") {
   if (nccl_world_sizes().empty()) return;
   on_two_gpus([](const mpu::SpawnContext& ctx) {
+    c10::cuda::CUDAGuard device_guard(ctx.device);  // the raw CUDA calls below use it
     auto comm = ctx.make_communicator();
     const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
     const cudaStream_t current = c10::cuda::getCurrentCUDAStream(ctx.device.index()).stream();

@@ -88,9 +88,10 @@ class Communicator {
   /// In place: every rank's `t` becomes the reduction of every rank's `t`.
   virtual void allreduce(torch::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
   /// As `allreduce`, but torch's current stream does not wait for the result: work queued on it
-  /// after the call runs alongside the collective, and must not touch `t` until `join()` (or a
-  /// later collective without the suffix, which joins everything issued before it). Gradient
-  /// buckets go out this way during backward. CPU backends: the same as `allreduce`.
+  /// after the call runs alongside the collective, and must neither touch `t` nor free it until
+  /// `join()` (or a later collective without the suffix on a non-empty tensor, which joins
+  /// everything issued before it). Gradient buckets go out this way during backward. CPU
+  /// backends: the same as `allreduce`.
   virtual void allreduce_async(torch::Tensor& t, ReduceOp op = ReduceOp::kSum);
   /// As `reduce`, with the result joined like `allreduce_async`'s.
   virtual void reduce_async(torch::Tensor& t, int root, ReduceOp op = ReduceOp::kSum);
