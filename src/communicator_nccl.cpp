@@ -24,6 +24,7 @@
 #include <deque>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -303,14 +304,8 @@ class NcclCommunicator final : public Communicator {
   }
 
   void broadcast(torch::Tensor& t, int root) override {
-    detail::check_tensor("broadcast", "t", t, device());
-    detail::check_root("broadcast", root, size_);
-    if (t.numel() == 0) return count_empty("broadcast");
-    void* data = t.data_ptr();
-    const auto count = static_cast<std::size_t>(t.numel());
-    const ncclDataType_t dtype = nccl_dtype(t.scalar_type());
-    enqueue("broadcast", [&](ncclComm_t comm, cudaStream_t stream) {
-      return ncclBroadcast(data, data, count, dtype, root, comm, stream);
+    in_place("broadcast", t, root, true, [&](const InPlace& x, ncclComm_t comm, cudaStream_t s) {
+      return ncclBroadcast(x.data, x.data, x.count, x.dtype, root, comm, s);
     });
   }
 
@@ -477,33 +472,37 @@ class NcclCommunicator final : public Communicator {
     ++seq_;
   }
 
-  void reduce_on(torch::Tensor& t, int root, ReduceOp op, bool join_now) {
-    detail::check_tensor("reduce", "t", t, device());
-    detail::check_root("reduce", root, size_);
-    if (t.numel() == 0) return count_empty("reduce");
-    void* data = t.data_ptr();
-    const auto count = static_cast<std::size_t>(t.numel());
-    const ncclDataType_t dtype = nccl_dtype(t.scalar_type());
+  // The buffer of an in-place collective, as NCCL takes it.
+  struct InPlace {
+    void* data;
+    std::size_t count;
+    ncclDataType_t dtype;
+  };
+
+  // One in-place collective on `t`: the argument checks (`root` where the op has one), the
+  // empty no-op, then `call(buffer, comm, stream)` enqueued on the comm stream.
+  template <typename Call>
+  void in_place(const char* op, torch::Tensor& t, std::optional<int> root, bool join_now,
+                Call&& call) {
+    detail::check_tensor(op, "t", t, device());
+    if (root) detail::check_root(op, *root, size_);
+    if (t.numel() == 0) return count_empty(op);
+    const InPlace x{t.data_ptr(), static_cast<std::size_t>(t.numel()), nccl_dtype(t.scalar_type())};
     enqueue(
-        "reduce",
-        [&](ncclComm_t comm, cudaStream_t stream) {
-          return ncclReduce(data, data, count, dtype, nccl_op(op), root, comm, stream);
-        },
-        join_now);
+        op, [&](ncclComm_t comm, cudaStream_t stream) { return call(x, comm, stream); }, join_now);
+  }
+
+  void reduce_on(torch::Tensor& t, int root, ReduceOp op, bool join_now) {
+    in_place("reduce", t, root, join_now, [&](const InPlace& x, ncclComm_t comm, cudaStream_t s) {
+      return ncclReduce(x.data, x.data, x.count, x.dtype, nccl_op(op), root, comm, s);
+    });
   }
 
   void allreduce_on(torch::Tensor& t, ReduceOp op, bool join_now) {
-    detail::check_tensor("allreduce", "t", t, device());
-    if (t.numel() == 0) return count_empty("allreduce");
-    void* data = t.data_ptr();
-    const auto count = static_cast<std::size_t>(t.numel());
-    const ncclDataType_t dtype = nccl_dtype(t.scalar_type());
-    enqueue(
-        "allreduce",
-        [&](ncclComm_t comm, cudaStream_t stream) {
-          return ncclAllReduce(data, data, count, dtype, nccl_op(op), comm, stream);
-        },
-        join_now);
+    in_place("allreduce", t, std::nullopt, join_now,
+             [&](const InPlace& x, ncclComm_t comm, cudaStream_t s) {
+               return ncclAllReduce(x.data, x.data, x.count, x.dtype, nccl_op(op), comm, s);
+             });
   }
 
   // Orders `launch` (one NCCL call on the comm stream) after torch's current stream, and, when
