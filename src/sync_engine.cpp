@@ -234,12 +234,16 @@ SyncEngine::~SyncEngine() {
   hook_target_->engine = nullptr;
   // An update that threw may have left buckets unjoined: wire_ must not go back to the caching
   // allocator while a collective still writes it. A failed communicator has nothing in flight.
-  if (!buckets_.empty()) {
-    try {
-      comm_.join();
-    } catch (const std::exception&) {
-    }
+  try {
+    join_buckets();
+  } catch (const std::exception&) {
   }
+}
+
+void SyncEngine::join_buckets() {
+  if (!unjoined_) return;
+  comm_.join();
+  unjoined_ = false;
 }
 
 void SyncEngine::install_hooks(const std::vector<std::pair<std::string, torch::Tensor>>& named) {
@@ -267,7 +271,7 @@ void SyncEngine::install_hooks(const std::vector<std::pair<std::string, torch::T
 void SyncEngine::zero_grad() {
   // An update that threw between a bucket's launch and finish() left that collective unjoined:
   // the zeroing must not race it.
-  if (!buckets_.empty()) comm_.join();
+  join_buckets();
   flat_.zero_grad();
 }
 
@@ -310,6 +314,7 @@ void SyncEngine::launch(std::size_t bucket) {
   } else {
     comm_.reduce_async(x, 0, op_);
   }
+  unjoined_ = true;
 }
 
 void SyncEngine::reduce_whole() {
@@ -389,7 +394,7 @@ bool SyncEngine::finish(std::int64_t iteration) {
       // backward that did not run armed) go now, in order.
       while (next_bucket_ < buckets_.size()) launch(next_bucket_++);
     }
-    comm_.join();
+    join_buckets();
     if (receives_gradients()) {
       auto g = flat_.flat_grad();
       if (wire_.defined()) g.copy_(wire_);

@@ -6,10 +6,10 @@
 // collectives after torch's current stream and makes torch's current stream wait for them, so
 // callers need no host synchronisation; the gradient buckets are the exception: they go out with
 // the _async collectives, and torch's stream waits for them only in finish() (zero_grad() and
-// the destructor join too, after an update that threw). Bucketed collectives are issued from the
-// autograd engine's thread (a post hook on each parameter's gradient accumulator) while backward
-// runs; the caller's thread is blocked in backward() meanwhile, so one thread at a time uses the
-// communicator.
+// the destructor join what an update that threw left unjoined). Bucketed collectives are issued
+// from the autograd engine's thread (a post hook on each parameter's gradient accumulator) while
+// backward runs; the caller's thread is blocked in backward() meanwhile, so one thread at a time
+// uses the communicator.
 #pragma once
 
 #include <torch/torch.h>
@@ -107,6 +107,7 @@ class SyncEngine {
   bool receives_gradients() const;
   bool gradients_finite();
   void check_drift(std::int64_t iteration);
+  void join_buckets();
 
   torch::nn::Module& model_;
   torch::optim::Optimizer& optimizer_;
@@ -133,6 +134,7 @@ class SyncEngine {
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
   std::shared_ptr<HookTarget> hook_target_;
   bool armed_ = false;
+  bool unjoined_ = false;  // a bucket went out with an _async collective and is not joined yet
   std::size_t next_bucket_ = 0;
   std::int64_t skipped_ = 0;
 };
