@@ -253,6 +253,8 @@ def plot(r, png):
             panels.append(f"set title '{arch_label(r)} training, {p}, batch {batch(r)} per GPU'\n"
                           f"plot {', '.join(lines)}\n")
         width = 560 * max(1, len(panels))
+        # Headroom above the highest point, so that the key (top left) does not cover the lines.
+        top = 1.4 * max(row["images_per_s"] for row in r.ok.values())
         script = f"""
 set terminal pngcairo noenhanced size {width},460
 set output '{png}'
@@ -260,8 +262,8 @@ set xlabel 'GPUs'
 set ylabel 'images/s'
 set xtics ({', '.join(str(n) for n in r.gpus)})
 set xrange [{min(r.gpus) - 0.3}:{max(r.gpus) + 0.3}]
-set yrange [0:*]
-set key left top
+set yrange [0:{top:.0f}]
+set key left top Left reverse
 set grid
 set multiplot layout 1,{max(1, len(panels))}
 {''.join(panels)}
