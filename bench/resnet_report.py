@@ -47,7 +47,8 @@ def merge_rounds(src):
     count and implementation in SRC/parts: mpu_r<k>_n<n>.json and ddp_r<k>_n<n>.json. Writes
     SRC/mpu.json and SRC/ddp.json with, for each (strategy, precision, GPUs), the row of the
     median images/s (for an even count, the lower middle row with the mean of the middle two
-    as its images/s), carrying every round's images/s in "samples". Returns the number of rounds seen (0: no parts)."""
+    as its images/s), carrying every round's images/s in "samples". Returns the number of
+    rounds seen (0: no parts)."""
     parts = os.path.join(src, "parts")
     if not os.path.isdir(parts):
         return 0
