@@ -34,7 +34,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
-#include "cuda/flat_reference_kernels.h"
+#include "bench/reference_kernels.h"
 #endif
 
 namespace {

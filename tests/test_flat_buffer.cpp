@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-#include "log.h"
+#include "misc/log.h"
 #include "mpu/error.h"
 #include "mpu/flat_buffer.h"
 

@@ -17,7 +17,7 @@
 #include "mpu/error.h"
 #include "mpu/flat_buffer.h"
 #include "mpu/flat_optimizer.h"
-#include "torch_compat.h"
+#include "misc/torch_compat.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "worker_watch.h"
+#include "process/worker_watch.h"
 
 #include <poll.h>
 #include <sys/wait.h>
@@ -10,7 +10,7 @@
 #include <cstring>
 #include <string>
 
-#include "log.h"
+#include "misc/log.h"
 #include "mpu/communicator.h"
 #include "mpu/defaults.h"
 #include "mpu/error.h"

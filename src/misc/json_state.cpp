@@ -1,4 +1,4 @@
-#include "json_state.h"
+#include "misc/json_state.h"
 
 #include "mpu/error.h"
 

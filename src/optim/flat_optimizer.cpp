@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "mpu/error.h"
-#include "torch_compat.h"
+#include "misc/torch_compat.h"
 
 namespace mpu {
 namespace {

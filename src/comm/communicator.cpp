@@ -12,7 +12,7 @@
 #include <cstdlib>
 #include <sstream>
 
-#include "communicator_detail.h"
+#include "comm/communicator_detail.h"
 #include "mpu/error.h"
 
 namespace mpu {

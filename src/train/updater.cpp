@@ -2,8 +2,8 @@
 
 #include "mpu/communicator.h"
 #include "mpu/error.h"
-#include "sync_engine.h"
-#include "updater_common.h"
+#include "sync/sync_engine.h"
+#include "train/updater_common.h"
 
 namespace mpu {
 

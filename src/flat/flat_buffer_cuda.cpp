@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "cuda/flat_kernels.h"
-#include "flat_buffer_detail.h"
+#include "flat/flat_buffer_detail.h"
 #include "mpu/error.h"
 
 namespace mpu::detail {

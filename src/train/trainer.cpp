@@ -8,10 +8,10 @@
 #include <numeric>
 #include <utility>
 
-#include "atomic_file.h"
-#include "log.h"
+#include "misc/atomic_file.h"
+#include "misc/log.h"
 #include "mpu/error.h"
-#include "signal_catch.h"
+#include "process/signal_catch.h"
 
 namespace mpu {
 namespace {

@@ -2,10 +2,10 @@
 #include <system_error>
 #include <utility>
 
-#include "log.h"
+#include "misc/log.h"
 #include "mpu/error.h"
 #include "mpu/extensions.h"
-#include "snapshot_files.h"
+#include "train/snapshot_files.h"
 
 namespace mpu {
 

@@ -10,7 +10,7 @@
 #include <numeric>
 #include <thread>
 
-#include "log.h"
+#include "misc/log.h"
 
 namespace mpu {
 namespace {

@@ -3,8 +3,8 @@
 #include <cmath>
 #include <unordered_set>
 
-#include "flat_buffer_detail.h"
-#include "log.h"
+#include "flat/flat_buffer_detail.h"
+#include "misc/log.h"
 #include "mpu/error.h"
 
 namespace mpu {

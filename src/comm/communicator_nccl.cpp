@@ -29,11 +29,11 @@
 #include <utility>
 #include <vector>
 
-#include "communicator_detail.h"
-#include "log.h"
+#include "comm/communicator_detail.h"
+#include "misc/log.h"
 #include "mpu/communicator.h"
 #include "mpu/error.h"
-#include "nccl_compat.h"
+#include "comm/nccl_compat.h"
 
 namespace mpu {
 namespace {

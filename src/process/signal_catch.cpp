@@ -1,4 +1,4 @@
-#include "signal_catch.h"
+#include "process/signal_catch.h"
 
 #include <signal.h>
 

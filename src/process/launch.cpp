@@ -27,8 +27,8 @@
 #include <sstream>
 #include <thread>
 
-#include "communicator_detail.h"
-#include "log.h"
+#include "comm/communicator_detail.h"
+#include "misc/log.h"
 #include "mpu/error.h"
 
 extern char** environ;

@@ -1,4 +1,4 @@
-#include "atomic_file.h"
+#include "misc/atomic_file.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -10,7 +10,7 @@
 #include <filesystem>
 #include <vector>
 
-#include "log.h"
+#include "misc/log.h"
 #include "mpu/error.h"
 
 namespace mpu::detail {

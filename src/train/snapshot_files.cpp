@@ -1,4 +1,4 @@
-#include "snapshot_files.h"
+#include "train/snapshot_files.h"
 
 #include <algorithm>
 #include <filesystem>

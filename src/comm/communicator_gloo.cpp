@@ -16,8 +16,8 @@
 #include <mutex>
 #include <sstream>
 
-#include "communicator_detail.h"
-#include "log.h"
+#include "comm/communicator_detail.h"
+#include "misc/log.h"
 #include "mpu/communicator.h"
 #include "mpu/error.h"
 

@@ -1,4 +1,4 @@
-#include "sync_engine.h"
+#include "sync/sync_engine.h"
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -9,7 +9,7 @@
 #include <optional>
 #include <sstream>
 
-#include "log.h"
+#include "misc/log.h"
 #include "mpu/error.h"
 #include "mpu/flat_optimizer.h"
 #include "mpu/reporter.h"

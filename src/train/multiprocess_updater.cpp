@@ -25,14 +25,14 @@
 #include <sstream>
 #include <thread>
 
-#include "log.h"
+#include "misc/log.h"
 #include "mpu/communicator.h"
 #include "mpu/error.h"
 #include "mpu/launch.h"
 #include "mpu/updater.h"
-#include "sync_engine.h"
-#include "updater_common.h"
-#include "worker_watch.h"
+#include "sync/sync_engine.h"
+#include "train/updater_common.h"
+#include "process/worker_watch.h"
 
 namespace mpu {
 namespace detail {

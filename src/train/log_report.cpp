@@ -1,8 +1,8 @@
 #include <filesystem>
 #include <utility>
 
-#include "atomic_file.h"
-#include "json_state.h"
+#include "misc/atomic_file.h"
+#include "misc/json_state.h"
 #include "mpu/error.h"
 #include "mpu/extensions.h"
 

@@ -1,4 +1,4 @@
-#include "cuda/flat_reference_kernels.h"
+#include "bench/reference_kernels.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -7,9 +7,9 @@
 #include <memory>
 #include <mutex>
 
-#include "log.h"
+#include "misc/log.h"
 #include "mpu/error.h"
-#include "torch_compat.h"
+#include "misc/torch_compat.h"
 
 namespace mpu {
 namespace {

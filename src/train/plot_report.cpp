@@ -15,9 +15,9 @@
 #include <system_error>
 #include <utility>
 
-#include "atomic_file.h"
-#include "json_state.h"
-#include "log.h"
+#include "misc/atomic_file.h"
+#include "misc/json_state.h"
+#include "misc/log.h"
 #include "mpu/error.h"
 #include "mpu/extensions.h"
 
