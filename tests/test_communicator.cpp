@@ -6,7 +6,10 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "collective_checks.h"
 #include "mpu/communicator.h"
@@ -68,6 +71,11 @@ TEST_CASE("Gloo reduce_scatter then allgather equals allreduce", "[communicator]
 TEST_CASE("Gloo allreduce_async and reduce_async, joined once, equal the joined collectives",
           "[communicator][multiprocess]") {
   on_gloo_ranks(mpu::test::check_async);
+}
+
+TEST_CASE("Gloo broadcast_bytes and allgather_bytes: binary, uneven and empty strings",
+          "[communicator][multiprocess]") {
+  on_gloo_ranks(mpu::test::check_bytes);
 }
 
 TEST_CASE("Gloo sequence numbers count every call, empty ones too",
@@ -133,6 +141,41 @@ TEST_CASE("Gloo: a peer that exits makes the next collective fail fast",
       options);
 }
 
+// Before abort() woke the waiter, rank 0 sat in Work::wait() until Gloo's own 60 s timeout
+// (rank 1 only leaves once rank 0 is done), and then threw Timeout, not the prompt CommError.
+TEST_CASE("Gloo: abort() from another thread wakes a collective a peer never joins",
+          "[communicator][multiprocess]") {
+  mpu::test::RunOptions options;
+  options.timeout = std::chrono::milliseconds(60000);
+  mpu::test::run_ranks(
+      2,
+      [](const mpu::SpawnContext& ctx) {
+        auto comm = ctx.make_communicator();
+        torch::Tensor t = torch::ones({16});
+        comm->allreduce(t);  // both ranks join this one
+        if (ctx.rank == 1) {
+          // Stays alive, never entering the second allreduce, until rank 0 is done with it.
+          ctx.store->wait({"rank0_done"}, std::chrono::seconds(100));
+          return;
+        }
+        std::thread aborter([comm] {
+          std::this_thread::sleep_for(std::chrono::milliseconds(300));
+          comm->abort();
+        });
+        const auto start = Clock::now();
+        MPU_EXPECT_THROWS(comm->allreduce(t), mpu::CommError,
+                          "allreduce #2 (gloo, rank 0 of 2) failed: abort() was called while it "
+                          "was in flight");
+        const double waited = seconds_since(start);
+        aborter.join();
+        ctx.store->set("rank0_done", std::vector<std::uint8_t>{1});
+        MPU_EXPECT(waited >= 0.25 && waited < 5, "abort() after 0.3 s woke the collective after ",
+                   waited, " s (the timeout is 60 s)");
+        MPU_EXPECT_THROWS(comm->barrier(), mpu::CommError, "abort() was called");
+      },
+      options);
+}
+
 TEST_CASE("Gloo: abort() makes every later call throw CommError", "[communicator]") {
   auto comm = mpu::make_gloo_communicator(c10::make_intrusive<c10d::HashStore>(), 0, 1,
                                           std::chrono::seconds(10));
@@ -150,7 +193,7 @@ TEST_CASE("Gloo with one rank: every collective is the identity", "[communicator
   for (auto dtype : mpu::test::collective_dtypes()) {
     const torch::Tensor x = mpu::test::rank_values(10, 0, dtype, torch::kCPU);
     torch::Tensor t = x.clone();
-    comm->allreduce(t, mpu::ReduceOp::kAvg);
+    comm->allreduce(t, c10::isFloatingType(dtype) ? mpu::ReduceOp::kAvg : mpu::ReduceOp::kSum);
     CHECK(t.equal(x));
     comm->reduce(t, 0);
     CHECK(t.equal(x));
@@ -163,7 +206,11 @@ TEST_CASE("Gloo with one rank: every collective is the identity", "[communicator
     CHECK(out.equal(x));
   }
   comm->barrier();
-  CHECK(comm->sequence_number() == 3 * 5 + 1);
+  const auto dtypes = mpu::test::collective_dtypes().size();
+  CHECK(comm->sequence_number() == dtypes * 5 + 1);
+  CHECK(comm->broadcast_bytes(std::string("a\0b", 3), 0) == std::string("a\0b", 3));
+  CHECK(comm->allgather_bytes("xyz") == std::vector<std::string>{"xyz"});
+  CHECK(comm->sequence_number() == dtypes * 5 + 1 + 4);
 }
 
 TEST_CASE("Communicator argument checks name the op, the argument and the values",
@@ -178,12 +225,30 @@ TEST_CASE("Communicator argument checks name the op, the argument and the values
   CHECK_THROWS_WITH(comm->allreduce(strided),
                     Contains("allreduce: argument `t` is float32[6, 4] on cpu with strides "
                              "[1, 6]; it must be contiguous"));
-  torch::Tensor integers = torch::zeros({3}, torch::kLong);
-  CHECK_THROWS_WITH(comm->broadcast(integers, 0),
-                    Contains("broadcast: argument `t` is Long[3] on cpu; the communicator takes "
-                             "float32, float16 or bfloat16"));
-  torch::Tensor doubles = torch::zeros({3}, torch::kDouble);
-  CHECK_THROWS_AS(comm->allreduce(doubles), mpu::InvalidArgument);
+  torch::Tensor shorts = torch::zeros({3}, torch::kShort);
+  CHECK_THROWS_WITH(comm->broadcast(shorts, 0),
+                    Contains("broadcast: argument `t` is Short[3] on cpu; the communicator takes "
+                             "float32, float16, bfloat16, float64, int32, int64 or uint8"));
+  torch::Tensor bools = torch::zeros({3}, torch::kBool);
+  CHECK_THROWS_AS(comm->allreduce(bools), mpu::InvalidArgument);
+  // avg of integers would round: refused by name, for every reducing op and integer dtype.
+  const std::pair<c10::ScalarType, std::string> integer_dtypes[] = {
+      {torch::kInt, "int32"}, {torch::kLong, "int64"}, {torch::kByte, "uint8"}};
+  for (const auto& [dtype, name] : integer_dtypes) {
+    torch::Tensor integers = torch::zeros({6}, dtype);
+    INFO(name);
+    CHECK_THROWS_AS(comm->allreduce(integers, mpu::ReduceOp::kAvg), mpu::InvalidArgument);
+    CHECK_THROWS_WITH(comm->allreduce(integers, mpu::ReduceOp::kAvg),
+                      Contains("allreduce: argument `op` is avg, but the tensor is " + name +
+                               "[6] on cpu; avg takes floating dtypes only"));
+    CHECK_THROWS_WITH(comm->reduce(integers, 0, mpu::ReduceOp::kAvg),
+                      Contains("reduce: argument `op` is avg, but the tensor is " + name));
+    torch::Tensor out = torch::zeros({6}, dtype);
+    CHECK_THROWS_WITH(comm->reduce_scatter(out, integers, mpu::ReduceOp::kAvg),
+                      Contains("reduce_scatter: argument `op` is avg, but the tensor is " + name));
+  }
+  CHECK_THROWS_WITH(comm->broadcast_bytes("x", 1),
+                    Contains("broadcast_bytes: root 1 is not a rank of this 1-rank communicator"));
   torch::Tensor undefined;
   CHECK_THROWS_WITH(comm->allreduce(undefined),
                     Contains("allreduce: argument `t` is an undefined tensor"));

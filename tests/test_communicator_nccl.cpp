@@ -110,6 +110,11 @@ TEST_CASE("NCCL sequence numbers and barrier", "[nccl][multiprocess]") {
   on_nccl_ranks(mpu::test::check_sequence_numbers);
 }
 
+TEST_CASE("NCCL broadcast_bytes and allgather_bytes: binary, uneven and empty strings",
+          "[nccl][multiprocess]") {
+  on_nccl_ranks(mpu::test::check_bytes);
+}
+
 #if MPU_HAS_NCCL
 
 namespace {
@@ -218,6 +223,45 @@ TEST_CASE("NCCL allreduce_async and reduce_async leave torch's current stream fr
       MPU_EXPECT(total == 3.0 * (1 << 20), op, ": sum ", total, ", expected ", 3.0 * (1 << 20));
     }
     for (auto& e : events) (void)cudaEventDestroy(e);
+  });
+}
+
+// Without record_stream, the caching allocator hands the freed block of `t` straight back to the
+// next allocation on the current stream, whose fill then races the collective still waiting for
+// rank 1: rank 1 would receive -7 + 2 instead of 1 + 2, and `other` would end up holding the sum.
+TEST_CASE("NCCL allreduce_async: freeing the tensor before join() leaves the result intact",
+          "[nccl][multiprocess]") {
+  if (nccl_world_sizes().empty()) return;
+  on_two_gpus([](const mpu::SpawnContext& ctx) {
+    auto comm = ctx.make_communicator();
+    const auto options = torch::TensorOptions().dtype(torch::kFloat).device(ctx.device);
+    constexpr std::int64_t kNumel = 1 << 22;
+    {
+      torch::Tensor warm = torch::ones({kNumel}, options);  // connects the peers
+      comm->allreduce(warm);
+      comm->synchronize();
+    }
+    torch::Tensor t = torch::full({kNumel}, ctx.rank + 1.0, options);
+    comm->barrier();
+    if (ctx.rank == 1) {
+      // Rank 1's GPU reaches the collective seconds late: rank 0's waits for it meanwhile.
+      torch::Tensor a = torch::full({4096, 4096}, 1.0 / 4096, options);
+      for (int i = 0; i < 500; ++i) a = torch::mm(a, a);
+      comm->allreduce_async(t);
+      comm->join();
+      MPU_EXPECT_EQUAL(t.cpu(), torch::full({kNumel}, 3.0), "[rank 1 received rank 0's 1s]");
+      return;
+    }
+    comm->allreduce_async(t);
+    const void* freed = t.data_ptr();
+    t = torch::Tensor();  // freed while the collective still uses it
+    torch::Tensor other = torch::empty({kNumel}, options);
+    other.fill_(-7.0);  // queued on the current stream, which does not wait for the collective
+    MPU_EXPECT(other.data_ptr() != freed,
+               "the allocator handed out the block of a tensor in a collective in flight");
+    comm->join();
+    MPU_EXPECT_EQUAL(other.cpu(), torch::full({kNumel}, -7.0),
+                     "[rank 0's new tensor, after join()]");
   });
 }
 

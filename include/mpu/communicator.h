@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "mpu/config.h"
 #include "mpu/defaults.h"
@@ -24,7 +25,8 @@ using StorePtr = c10::intrusive_ptr<c10d::Store>;
 /// How a reduction combines the ranks' values.
 enum class ReduceOp {
   kSum,  ///< Element-wise sum over the ranks.
-  kAvg,  ///< Element-wise sum divided by `size()`. NCCL uses ncclAvg; Gloo sums, then divides.
+  kAvg,  ///< Element-wise sum divided by `size()`, for floating dtypes only. NCCL uses
+         ///< ncclAvg; Gloo sums, then divides.
 };
 
 /// "sum" or "avg".
@@ -37,11 +39,14 @@ const char* to_string(ReduceOp op);
 ///   root, op, dtype and global element count. A rank that skips or reorders a call deadlocks the
 ///   others until the timeout. `sequence_number()` counts the calls and is the same on every rank
 ///   at the same point of the program; error messages name it ("allreduce #17").
-/// - **Tensors.** Contiguous, on `device()`, of dtype float32, float16 or bfloat16; the messages
-///   of `mpu::InvalidArgument` name the op, the argument and the values seen. A tensor with no
-///   elements makes the call a no-op that still counts in `sequence_number()`, so all ranks stay
-///   in step. Results are exact for the backend's arithmetic: sums of values representable in
-///   the dtype, whose partial sums are representable too, come out exactly.
+/// - **Tensors.** Contiguous, on `device()`, of dtype float32, float16, bfloat16, float64, int32,
+///   int64 or uint8 (bytes, for `broadcast_bytes` and `allgather_bytes`); the messages of
+///   `mpu::InvalidArgument` name the op, the argument and the values seen. Every collective takes
+///   every one of these dtypes; `ReduceOp::kAvg` takes only the floating ones (an integer average
+///   would round), and integer sums wrap as the dtype does. A tensor with no elements makes the
+///   call a no-op that still counts in `sequence_number()`, so all ranks stay in step. Results are
+///   exact for the backend's arithmetic: sums of values representable in the dtype, whose partial
+///   sums are representable too, come out exactly.
 /// - **Sharding.** `reduce_scatter` and `allgather` split a flat tensor of N elements like
 ///   `torch::chunk`: every shard has ceil(N / size) elements except the last non-empty one, and
 ///   trailing ranks may get an empty shard. `shard_offset()` and `shard_numel()` say which
@@ -88,10 +93,11 @@ class Communicator {
   /// In place: every rank's `t` becomes the reduction of every rank's `t`.
   virtual void allreduce(torch::Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
   /// As `allreduce`, but torch's current stream does not wait for the result: work queued on it
-  /// after the call runs alongside the collective, and must neither touch `t` nor free it until
-  /// `join()` (or a later collective without the suffix on a non-empty tensor, which joins
-  /// everything issued before it). Gradient buckets go out this way during backward. CPU
-  /// backends: the same as `allreduce`.
+  /// after the call runs alongside the collective, and must not touch `t` until `join()` (or a
+  /// later collective without the suffix on a non-empty tensor, which joins everything issued
+  /// before it). Freeing `t` meanwhile is safe: the caching allocator is told that the comm stream
+  /// uses it, and hands its memory out again only once the collective is done. Gradient buckets go
+  /// out this way during backward. CPU backends: the same as `allreduce`.
   virtual void allreduce_async(torch::Tensor& t, ReduceOp op = ReduceOp::kSum);
   /// As `reduce`, with the result joined like `allreduce_async`'s.
   virtual void reduce_async(torch::Tensor& t, int root, ReduceOp op = ReduceOp::kSum);
@@ -115,8 +121,20 @@ class Communicator {
   /// `mpu::CommError`/`mpu::Timeout`. A no-op for synchronous backends, apart from the check.
   virtual void synchronize() = 0;
   /// Tears the communicator down without waiting for the other ranks: NCCL kernels in flight
-  /// are released. Every later call throws `mpu::CommError`. Safe from any thread; idempotent.
+  /// are released, and a Gloo collective blocked in another thread throws `mpu::CommError`
+  /// within about 50 ms. Every later call throws `mpu::CommError`. Safe from any thread;
+  /// idempotent.
   virtual void abort() noexcept = 0;
+
+  /// On every rank: returns `root`'s `bytes` (the other ranks' argument is ignored). Two
+  /// collectives, both counted in `sequence_number()`: the length (int64), then the bytes (uint8),
+  /// on `device()`. Blocks the host until the bytes have arrived. Binary content ('\0' included)
+  /// and empty strings travel as they are.
+  std::string broadcast_bytes(const std::string& bytes, int root);
+  /// On every rank: every rank's `mine`, in rank order; lengths may differ between ranks. Two
+  /// collectives, both counted in `sequence_number()`: an allgather of the lengths (int64), then
+  /// one of the bytes (uint8, each rank's padded to the longest), on `device()`. Blocks the host.
+  std::vector<std::string> allgather_bytes(const std::string& mine);
 
   /// Offset of `rank`'s shard of a flat tensor of `numel` elements (see the class comment).
   std::int64_t shard_offset(std::int64_t numel) const;

@@ -10,9 +10,13 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "comm/communicator_detail.h"
+#include "misc/env.h"
 #include "mpu/error.h"
 
 namespace mpu {
@@ -32,6 +36,68 @@ void Communicator::reduce_async(torch::Tensor& t, int root, ReduceOp op) {
 
 void Communicator::join() {
   synchronize();
+}
+
+namespace {
+
+// A uint8 tensor on `device` holding `bytes`.
+torch::Tensor bytes_tensor(const std::string& bytes, const torch::Device& device) {
+  torch::Tensor host = torch::empty({static_cast<std::int64_t>(bytes.size())}, torch::kByte);
+  if (!bytes.empty()) std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+  return host.to(device);
+}
+
+// The bytes of a uint8 tensor, copied to the host.
+std::string tensor_bytes(const torch::Tensor& t) {
+  const torch::Tensor host = t.to(torch::kCPU).contiguous();
+  return std::string(static_cast<const char*>(host.data_ptr()),
+                     static_cast<std::size_t>(host.numel()));
+}
+
+}  // namespace
+
+std::string Communicator::broadcast_bytes(const std::string& bytes, int root) {
+  detail::check_root("broadcast_bytes", root, size());
+  const bool is_root = rank() == root;
+  torch::Tensor length =
+      torch::full({1}, is_root ? static_cast<std::int64_t>(bytes.size()) : std::int64_t{0},
+                  torch::TensorOptions().dtype(torch::kLong).device(device()));
+  broadcast(length, root);
+  const std::int64_t count = length.cpu().item<std::int64_t>();
+  MPU_CHECK(count >= 0, "broadcast_bytes: root ", root, " sent a negative length ", count);
+  torch::Tensor data =
+      is_root ? bytes_tensor(bytes, device())
+              : torch::empty({count}, torch::TensorOptions().dtype(torch::kByte).device(device()));
+  broadcast(data, root);
+  return is_root ? bytes : tensor_bytes(data);
+}
+
+std::vector<std::string> Communicator::allgather_bytes(const std::string& mine) {
+  const int n = size();
+  const auto on_device = torch::TensorOptions().device(device());
+  torch::Tensor my_length =
+      torch::full({1}, static_cast<std::int64_t>(mine.size()), on_device.dtype(torch::kLong));
+  torch::Tensor lengths = torch::empty({n}, on_device.dtype(torch::kLong));
+  allgather(lengths, my_length);
+  const torch::Tensor host_lengths = lengths.cpu();
+  const auto* length_of = host_lengths.data_ptr<std::int64_t>();
+  const std::int64_t longest = *std::max_element(length_of, length_of + n);
+  // Every rank sends `longest` bytes, so that the shards are equal and nobody needs padding.
+  std::string padded = mine;
+  padded.resize(static_cast<std::size_t>(longest), '\0');
+  torch::Tensor in = bytes_tensor(padded, device());
+  torch::Tensor out = torch::empty({longest * n}, on_device.dtype(torch::kByte));
+  allgather(out, in);
+  const std::string all = tensor_bytes(out);
+  std::vector<std::string> result;
+  result.reserve(static_cast<std::size_t>(n));
+  for (int r = 0; r < n; ++r) {
+    MPU_CHECK(length_of[r] >= 0 && length_of[r] <= longest, "allgather_bytes: rank ", r,
+              " sent a length of ", length_of[r], " bytes");
+    result.push_back(
+        all.substr(static_cast<std::size_t>(r * longest), static_cast<std::size_t>(length_of[r])));
+  }
+  return result;
 }
 
 const char* to_string(ReduceOp op) {
@@ -67,16 +133,7 @@ std::int64_t Communicator::shard_numel(std::int64_t numel) const {
 }
 
 std::chrono::milliseconds comm_timeout() {
-  const char* text = std::getenv(kEnvCommTimeout);
-  if (text == nullptr || *text == '\0') return kDefaultCommTimeout;
-  char* end = nullptr;
-  errno = 0;
-  const double seconds = std::strtod(text, &end);
-  MPU_CHECK(errno == 0 && end != text && *end == '\0' && std::isfinite(seconds) && seconds > 0,
-            "comm_timeout: ", kEnvCommTimeout, "=\"", text,
-            "\" is not a positive number of seconds");
-  // At least 1 ms, so that a tiny value still means "a deadline", not "no deadline".
-  return std::chrono::milliseconds(std::max<std::int64_t>(1, std::llround(seconds * 1000.0)));
+  return detail::env_seconds(kEnvCommTimeout).value_or(kDefaultCommTimeout);
 }
 
 std::shared_ptr<Communicator> make_communicator(const torch::Device& device, const StorePtr& store,
@@ -164,8 +221,31 @@ std::string dtype_name(c10::ScalarType dtype) {
       return "float16";
     case torch::kBFloat16:
       return "bfloat16";
+    case torch::kDouble:
+      return "float64";
+    case torch::kInt:
+      return "int32";
+    case torch::kLong:
+      return "int64";
+    case torch::kByte:
+      return "uint8";
     default:
       return c10::toString(dtype);
+  }
+}
+
+bool is_collective_dtype(c10::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kFloat:
+    case torch::kHalf:
+    case torch::kBFloat16:
+    case torch::kDouble:
+    case torch::kInt:
+    case torch::kLong:
+    case torch::kByte:
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -186,13 +266,20 @@ void check_tensor(const char* op, const char* arg, const torch::Tensor& t,
                   const torch::Device& device) {
   MPU_CHECK(t.defined(), op, ": argument `", arg, "` is an undefined tensor");
   const auto dtype = t.scalar_type();
-  MPU_CHECK(dtype == torch::kFloat || dtype == torch::kHalf || dtype == torch::kBFloat16, op,
-            ": argument `", arg, "` is ", describe(t),
-            "; the communicator takes float32, float16 or bfloat16");
+  MPU_CHECK(is_collective_dtype(dtype), op, ": argument `", arg, "` is ", describe(t),
+            "; the communicator takes float32, float16, bfloat16, float64, int32, int64 or uint8");
   MPU_CHECK(t.device() == device, op, ": argument `", arg, "` is ", describe(t),
             ", but the communicator's device is ", device.str());
   MPU_CHECK(t.is_contiguous(), op, ": argument `", arg, "` is ", describe(t), " with strides ",
             t.strides(), "; it must be contiguous (call .contiguous() and copy the result back)");
+}
+
+void check_reduce_op(const char* op, ReduceOp reduce_op, const torch::Tensor& t) {
+  // An undefined tensor is left to check_tensor's message.
+  MPU_CHECK(reduce_op != ReduceOp::kAvg || !t.defined() || c10::isFloatingType(t.scalar_type()), op,
+            ": argument `op` is avg, but the tensor is ", describe(t),
+            "; avg takes floating dtypes only (float32, float16, bfloat16, float64), since an "
+            "integer average would round; use sum");
 }
 
 void check_root(const char* op, int root, int size) {
@@ -220,11 +307,12 @@ bool is_shard_of(const torch::Tensor& part, const torch::Tensor& whole, std::int
 }  // namespace
 
 void check_reduce_scatter(const Communicator& comm, const torch::Tensor& out,
-                          const torch::Tensor& in) {
+                          const torch::Tensor& in, ReduceOp reduce_op) {
   check_tensor("reduce_scatter", "in", in, comm.device());
   check_tensor("reduce_scatter", "out", out, comm.device());
   MPU_CHECK(out.scalar_type() == in.scalar_type(), "reduce_scatter: `out` is ", describe(out),
             " but `in` is ", describe(in), "; their dtypes must match");
+  check_reduce_op("reduce_scatter", reduce_op, in);
   const std::int64_t expected = comm.shard_numel(in.numel());
   MPU_CHECK(out.numel() == expected, "reduce_scatter: `out` has ", out.numel(),
             " elements, but rank ", comm.rank(), " of ", comm.size(), " owns ", expected,

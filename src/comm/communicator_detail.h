@@ -10,8 +10,13 @@
 
 namespace mpu::detail {
 
-/// "float32", "float16", "bfloat16", or c10's name of other dtypes.
+/// "float32", "float16", "bfloat16", "float64", "int32", "int64", "uint8", or c10's name of
+/// other dtypes.
 std::string dtype_name(c10::ScalarType dtype);
+
+/// True for the dtypes a communicator takes: float32, float16, bfloat16, float64, int32, int64 and
+/// uint8.
+bool is_collective_dtype(c10::ScalarType dtype);
 
 /// "float16[3, 4] on cuda:1", or "an undefined tensor".
 std::string describe(const torch::Tensor& t);
@@ -19,17 +24,21 @@ std::string describe(const torch::Tensor& t);
 /// Seconds with up to 3 decimals: "5 s", "0.25 s".
 std::string seconds_text(std::chrono::milliseconds d);
 
-/// Checks that `t` is defined, contiguous, on `device` and float32/float16/bfloat16.
+/// Checks that `t` is defined, contiguous, on `device` and of a dtype `is_collective_dtype` takes.
 void check_tensor(const char* op, const char* arg, const torch::Tensor& t,
                   const torch::Device& device);
+
+/// Checks that `reduce_op` suits `t`'s dtype: kAvg only for floating dtypes, since an integer
+/// average would have to round.
+void check_reduce_op(const char* op, ReduceOp reduce_op, const torch::Tensor& t);
 
 /// Checks 0 <= root < size.
 void check_root(const char* op, int root, int size);
 
-/// Checks `out`/`in` of reduce_scatter: dtypes agree, out has shard_numel(in.numel()) elements,
-/// and out is either disjoint from in or exactly in's own shard.
+/// Checks `out`/`in` of reduce_scatter: dtypes agree, `reduce_op` suits them, out has
+/// shard_numel(in.numel()) elements, and out is either disjoint from in or exactly in's own shard.
 void check_reduce_scatter(const Communicator& comm, const torch::Tensor& out,
-                          const torch::Tensor& in);
+                          const torch::Tensor& in, ReduceOp reduce_op);
 
 /// Checks `out`/`in` of allgather: dtypes agree, in has shard_numel(out.numel()) elements, and
 /// in is either disjoint from out or exactly out's own shard.

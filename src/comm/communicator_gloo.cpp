@@ -26,6 +26,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// How long a collective waits on its Gloo work before it looks at the abort flag again. c10d's
+// ProcessGroupGloo (1.13 and 2.x alike) has no way to cancel a collective in flight, so abort()
+// cannot wake the waiter; the waiter wakes itself this often. Only calls that block for longer
+// pay it: the wait returns the moment the work completes.
+constexpr std::chrono::milliseconds kAbortCheckInterval{50};
+
 class GlooCommunicator final : public Communicator {
  public:
   GlooCommunicator(const StorePtr& store, int rank, int size, std::chrono::milliseconds timeout)
@@ -70,7 +76,22 @@ class GlooCommunicator final : public Communicator {
     }
   }
 
-  ~GlooCommunicator() override = default;
+  ~GlooCommunicator() override {
+    // A collective that abort() walked away from is still blocked in the process group's worker
+    // thread, and ~ProcessGroupGloo joins that thread: it would wait for the peers or Gloo's
+    // timeout, which is what abort() promises not to do. The process group is left to the
+    // process instead; its thread ends with the process.
+    try {
+      if (abandoned_ && !abandoned_->isCompleted()) {
+        MPU_LOG_WARN("Gloo communicator (rank ", rank_, " of ", size_,
+                     "): a collective aborted in flight is still blocked; leaving its process "
+                     "group behind rather than waiting for it");
+        (void)pg_.release();
+        (void)abandoned_.release();
+      }
+    } catch (...) {
+    }
+  }
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -80,6 +101,7 @@ class GlooCommunicator final : public Communicator {
 
   void reduce(torch::Tensor& t, int root, ReduceOp op) override {
     detail::check_tensor("reduce", "t", t, device());
+    detail::check_reduce_op("reduce", op, t);
     detail::check_root("reduce", root, size_);
     run("reduce", t.numel(), [&] {
       // Non-root ranks reduce a copy: Gloo writes partial results into their buffer.
@@ -111,6 +133,7 @@ class GlooCommunicator final : public Communicator {
 
   void allreduce(torch::Tensor& t, ReduceOp op) override {
     detail::check_tensor("allreduce", "t", t, device());
+    detail::check_reduce_op("allreduce", op, t);
     run("allreduce", t.numel(), [&] {
       torch::Tensor wire = reduction_wire(t);
       return std::make_pair(start_allreduce(wire), [&, wire]() mutable {
@@ -121,7 +144,7 @@ class GlooCommunicator final : public Communicator {
   }
 
   void reduce_scatter(torch::Tensor& out, const torch::Tensor& in, ReduceOp op) override {
-    detail::check_reduce_scatter(*this, out, in);
+    detail::check_reduce_scatter(*this, out, in, op);
     run("reduce_scatter", in.numel(), [&] {
       // No reduce_scatter in LibTorch 1.13's Gloo: reduce everything into a copy, keep a shard.
       torch::Tensor full = reduction_scratch(in).view({-1});
@@ -219,8 +242,13 @@ class GlooCommunicator final : public Communicator {
     const auto begin = Clock::now();
     try {
       auto [work, finish] = start();
-      work->wait();
+      if (!wait_unless_aborted(work)) {
+        abandoned_ = work;
+        fail(op, seq, false, "abort() was called while it was in flight");
+      }
       finish();
+    } catch (const Error&) {
+      throw;
     } catch (const std::exception& e) {
       const auto elapsed = Clock::now() - begin;
       const std::string text = detail::exception_text(e);
@@ -228,6 +256,24 @@ class GlooCommunicator final : public Communicator {
           elapsed >= timeout_ * 9 / 10 || text.find("imed out") != std::string::npos;
       fail(op, seq, timed_out, text);
     }
+  }
+
+  // Waits for `work` to complete, waking every kAbortCheckInterval to look at the abort flag.
+  // Returns false when abort() was called first; rethrows the work's own failure (Gloo's timeout
+  // included).
+  bool wait_unless_aborted(const c10::intrusive_ptr<c10d::Work>& work) {
+    while (!work->isCompleted()) {
+      if (failed_.load()) return false;
+      try {
+        // Work::wait with a timeout throws "Operation timed out!" when the work is not done yet.
+        work->wait(kAbortCheckInterval);
+      } catch (const std::exception&) {
+        if (!work->isCompleted()) continue;
+        break;  // finished with its own error just now: the wait below rethrows that one
+      }
+    }
+    work->wait();
+    return true;
   }
 
   std::string label(const char* op, std::uint64_t seq) const {
@@ -266,6 +312,8 @@ class GlooCommunicator final : public Communicator {
   int size_;
   std::chrono::milliseconds timeout_;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+  // The work of a collective that abort() interrupted, which may still be running.
+  c10::intrusive_ptr<c10d::Work> abandoned_;
   std::uint64_t seq_ = 0;
   std::atomic<bool> failed_{false};
   mutable std::mutex error_mutex_;

@@ -5,183 +5,56 @@
 //   current stream --ready_--> comm stream: NCCL kernel --done--> current stream.
 // The _async collectives leave out the second wait; join() records `joined_` on the comm stream
 // and makes the current stream wait for it. The host returns once the waits are enqueued. The done
-// events of the collectives in flight sit in `pending_`, oldest first. The watchdog thread wakes
+// events of the collectives in flight sit in `in_flight_`, oldest first. The watchdog thread wakes
 // every kCommWatchdogInterval, pops the finished ones, and aborts the communicator when the oldest
 // is older than the timeout or NCCL reports an asynchronous error. Every NCCL call on the
 // communicator happens under `mutex_`, so an abort never races an enqueue.
 //
 // The communicator is non-blocking (ncclConfig_t::blocking = 0) unless MPU_NCCL_BLOCKING=1: then
 // the rendezvous and a first collective whose connection setup waits for a peer return
-// ncclInProgress, and the host polls them against the deadline instead of hanging in NCCL.
+// ncclInProgress, and the host polls them against the deadline instead of hanging in NCCL. From
+// a blocking communicator ncclInProgress is an error.
+//
+// The comm stream comes from c10's stream pool rather than being created here: every tensor a
+// collective uses is marked with record_stream() for the caching allocator, which records an
+// event on that stream whenever such a tensor is freed, possibly after this communicator is
+// gone. A pool stream lives as long as the process.
+//
+// The RAII owners of the handles live in nccl_handles.h, the bookkeeping of the collectives in
+// flight in nccl_in_flight.h.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <exception>
 #include <mutex>
 #include <optional>
 #include <thread>
 #include <utility>
-#include <vector>
 
 #include "comm/communicator_detail.h"
+#include "comm/nccl_compat.h"
+#include "comm/nccl_handles.h"
+#include "comm/nccl_in_flight.h"
 #include "misc/log.h"
 #include "mpu/communicator.h"
 #include "mpu/error.h"
-#include "comm/nccl_compat.h"
 
 namespace mpu {
 namespace {
 
 static_assert(sizeof(ncclUniqueId) == kNcclUniqueIdBytes, "NCCL_UNIQUE_ID_BYTES changed");
 
-using Clock = std::chrono::steady_clock;
-
-// Logging from noexcept code: building the message may throw, the logging itself does not.
-template <typename... Args>
-void warn_noexcept(const Args&... args) noexcept {
-  try {
-    MPU_LOG_WARN(args...);
-  } catch (...) {
-  }
-}
-
-// Sole owner of an ncclComm_t. Destroying an owner that still holds a communicator aborts it,
-// which never blocks; an orderly shutdown calls finalize() first.
-class NcclComm {
- public:
-  NcclComm() = default;
-  explicit NcclComm(ncclComm_t comm) : comm_(comm) {}
-  NcclComm(NcclComm&& other) noexcept : comm_(std::exchange(other.comm_, nullptr)) {}
-  NcclComm& operator=(NcclComm&& other) noexcept {
-    if (this != &other) {
-      abort();
-      comm_ = std::exchange(other.comm_, nullptr);
-    }
-    return *this;
-  }
-  NcclComm(const NcclComm&) = delete;
-  NcclComm& operator=(const NcclComm&) = delete;
-  ~NcclComm() { abort(); }
-
-  ncclComm_t get() const { return comm_; }
-  explicit operator bool() const { return comm_ != nullptr; }
-
-  // ncclCommAbort: releases kernels in flight and frees the communicator without waiting for
-  // the peers.
-  void abort() noexcept {
-    if (comm_ == nullptr) return;
-    const ncclResult_t result = ncclCommAbort(comm_);
-    if (result != ncclSuccess) {
-      warn_noexcept("ncclCommAbort returned ", ncclGetErrorString(result));
-    }
-    comm_ = nullptr;
-  }
-
-  // Flushes the issued work (ncclCommFinalize) and destroys the communicator. Returns false, and
-  // aborts instead, when that fails or is not done by `deadline`.
-  bool finalize(Clock::time_point deadline) noexcept {
-    if (comm_ == nullptr) return true;
-    ncclResult_t result = ncclCommFinalize(comm_);
-    while (result == ncclInProgress && Clock::now() < deadline) {
-      std::this_thread::sleep_for(kCommPollInterval);
-      ncclResult_t state = ncclSuccess;
-      result = ncclCommGetAsyncError(comm_, &state);
-      if (result == ncclSuccess) result = state;
-    }
-    if (result != ncclSuccess) {
-      warn_noexcept("ncclCommFinalize did not finish (",
-                    result == ncclInProgress ? "deadline passed" : ncclGetErrorString(result),
-                    "); aborting the communicator");
-      abort();
-      return false;
-    }
-    result = ncclCommDestroy(comm_);
-    comm_ = nullptr;
-    if (result != ncclSuccess && result != ncclInProgress) {
-      warn_noexcept("ncclCommDestroy returned ", ncclGetErrorString(result));
-      return false;
-    }
-    return true;
-  }
-
- private:
-  ncclComm_t comm_ = nullptr;
-};
-
-// Sole owner of a cudaEvent_t (created without timing, for ordering only).
-class CudaEvent {
- public:
-  CudaEvent() = default;
-  static CudaEvent create() {
-    CudaEvent event;
-    MPU_CUDA_CHECK(cudaEventCreateWithFlags(&event.event_, cudaEventDisableTiming));
-    return event;
-  }
-  CudaEvent(CudaEvent&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
-  CudaEvent& operator=(CudaEvent&& other) noexcept {
-    if (this != &other) {
-      reset();
-      event_ = std::exchange(other.event_, nullptr);
-    }
-    return *this;
-  }
-  CudaEvent(const CudaEvent&) = delete;
-  CudaEvent& operator=(const CudaEvent&) = delete;
-  ~CudaEvent() { reset(); }
-
-  cudaEvent_t get() const { return event_; }
-
- private:
-  void reset() noexcept {
-    if (event_ != nullptr) (void)cudaEventDestroy(event_);
-    event_ = nullptr;
-  }
-  cudaEvent_t event_ = nullptr;
-};
-
-// Sole owner of a cudaStream_t.
-class CudaStream {
- public:
-  CudaStream() = default;
-  // A non-blocking stream (no implicit sync with the legacy default stream), of the highest
-  // priority when `high` (communication kernels are scheduled ahead of queued compute), else of
-  // the default priority.
-  static CudaStream create(bool high) {
-    int least = 0;
-    int greatest = 0;
-    MPU_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    CudaStream stream;
-    MPU_CUDA_CHECK(cudaStreamCreateWithPriority(&stream.stream_, cudaStreamNonBlocking,
-                                                high ? greatest : least));
-    return stream;
-  }
-  CudaStream(CudaStream&& other) noexcept : stream_(std::exchange(other.stream_, nullptr)) {}
-  CudaStream& operator=(CudaStream&& other) noexcept {
-    if (this != &other) {
-      reset();
-      stream_ = std::exchange(other.stream_, nullptr);
-    }
-    return *this;
-  }
-  CudaStream(const CudaStream&) = delete;
-  CudaStream& operator=(const CudaStream&) = delete;
-  ~CudaStream() { reset(); }
-
-  cudaStream_t get() const { return stream_; }
-
- private:
-  void reset() noexcept {
-    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
-    stream_ = nullptr;
-  }
-  cudaStream_t stream_ = nullptr;
-};
+using detail::Clock;
+using detail::CudaEvent;
+using detail::NcclComm;
+using detail::Settle;
+using detail::warn_noexcept;
 
 ncclDataType_t nccl_dtype(c10::ScalarType dtype) {
   switch (dtype) {
@@ -191,6 +64,14 @@ ncclDataType_t nccl_dtype(c10::ScalarType dtype) {
       return ncclFloat16;
     case torch::kBFloat16:
       return ncclBfloat16;
+    case torch::kDouble:
+      return ncclFloat64;
+    case torch::kInt:
+      return ncclInt32;
+    case torch::kLong:
+      return ncclInt64;
+    case torch::kByte:
+      return ncclUint8;
     default:
       MPU_THROW(InvalidArgument, "NCCL communicator: unsupported dtype ",
                 detail::dtype_name(dtype));
@@ -230,23 +111,23 @@ class NcclCommunicator final : public Communicator {
               device_index, " is not one of the ", devices, " visible CUDA devices");
     detail::ignore_sigpipe();  // NCCL's bootstrap and proxy talk over sockets too
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
-    stream_ = CudaStream::create(high_priority_requested());
+    stream_ = c10::cuda::getStreamFromPool(high_priority_requested(),
+                                           static_cast<c10::DeviceIndex>(device_index_));
     ready_ = CudaEvent::create();
     joined_ = CudaEvent::create();
 
-    const bool blocking = blocking_requested();
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-    config.blocking = blocking ? 1 : 0;
+    config.blocking = blocking_ ? 1 : 0;
     ncclUniqueId unique_id;
     std::memcpy(&unique_id, id.data(), sizeof(unique_id));
     ncclComm_t raw = nullptr;
     const auto start = Clock::now();
     ncclResult_t result = ncclCommInitRankConfig(&raw, size, unique_id, rank, &config);
     comm_ = NcclComm(raw);
-    bool expired = false;
-    bool aborted = false;  // nobody else holds the communicator yet
-    result = settle(result, start + timeout_, &expired, &aborted);
-    if (expired) {
+    Settle how = Settle::kDone;  // nobody else holds the communicator yet: no abort to expect
+    result =
+        detail::settle(comm_.get(), result, blocking_, start + timeout_, abort_requested_, &how);
+    if (how != Settle::kDone) {
       comm_.abort();
       MPU_THROW(Timeout, "make_nccl_communicator: rank ", rank, " of ", size, " on ",
                 device().str(), " did not finish ncclCommInitRankConfig within ",
@@ -263,7 +144,7 @@ class NcclCommunicator final : public Communicator {
         torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat).device(device()));
     watchdog_ = std::thread([this] { watch(); });
     MPU_LOG_DEBUG("NCCL communicator: rank ", rank, " of ", size, " on ", device().str(),
-                  blocking ? " (blocking)" : " (non-blocking)");
+                  blocking_ ? " (blocking)" : " (non-blocking)");
   }
 
   ~NcclCommunicator() override {
@@ -281,8 +162,20 @@ class NcclCommunicator final : public Communicator {
       c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
       std::lock_guard<std::mutex> lock(mutex_);
       if (comm_ && !failed_ && !failing) {
-        const auto deadline = Clock::now() + timeout_;
-        comm_.finalize(deadline);
+        // Bounded: a peer that has stopped would otherwise hold this process for the whole
+        // collective timeout (minutes), in the wait below or inside ncclCommFinalize.
+        const auto bound =
+            std::min<std::chrono::milliseconds>(timeout_, detail::kNcclFinalizeTimeout);
+        const auto deadline = Clock::now() + bound;
+        // A blocking communicator's ncclCommFinalize waits for the work in flight on the host,
+        // with no deadline: let it find the work done, or do not call it.
+        if (drain_locked(deadline)) {
+          comm_.finalize(deadline);
+        } else if (comm_) {
+          warn_noexcept("NCCL communicator: rank ", rank_, " of ", size_,
+                        ": collectives still in flight at shutdown after ",
+                        detail::seconds_text(bound), "; aborting the communicator");
+        }
       }
       comm_.abort();
     } catch (const std::exception& e) {
@@ -319,12 +212,12 @@ class NcclCommunicator final : public Communicator {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_failed_locked("join");
     // The comm stream runs its collectives in order: an event after the last one covers them all.
-    MPU_CUDA_CHECK(cudaEventRecord(joined_.get(), stream_.get()));
+    MPU_CUDA_CHECK(cudaEventRecord(joined_.get(), stream_->stream()));
     MPU_CUDA_CHECK(cudaStreamWaitEvent(current, joined_.get(), 0));
   }
 
   void reduce_scatter(torch::Tensor& out, const torch::Tensor& in, ReduceOp op) override {
-    detail::check_reduce_scatter(*this, out, in);
+    detail::check_reduce_scatter(*this, out, in, op);
     const std::int64_t total = in.numel();
     if (total == 0) return count_empty("reduce_scatter");
     const std::int64_t chunk = (total + size_ - 1) / size_;
@@ -333,6 +226,8 @@ class NcclCommunicator final : public Communicator {
     if (chunk * size_ == total) {
       const void* send = in.data_ptr();
       void* recv = out.data_ptr();
+      record_on_comm_stream(in);
+      record_on_comm_stream(out);
       enqueue("reduce_scatter", [&](ncclComm_t comm, cudaStream_t stream) {
         return ncclReduceScatter(send, recv, static_cast<std::size_t>(chunk), dtype, nccl_op(op),
                                  comm, stream);
@@ -365,6 +260,8 @@ class NcclCommunicator final : public Communicator {
     if (chunk * size_ == total) {
       const void* send = in.data_ptr();
       void* recv = out.data_ptr();
+      record_on_comm_stream(in);
+      record_on_comm_stream(out);
       enqueue("allgather", [&](ncclComm_t comm, cudaStream_t stream) {
         return ncclAllGather(send, recv, static_cast<std::size_t>(chunk), dtype, comm, stream);
       });
@@ -396,7 +293,7 @@ class NcclCommunicator final : public Communicator {
       throw_if_failed_locked("synchronize");
       poll_locked(Clock::now());
       if (failed_) continue;
-      if (pending_.empty()) return;
+      if (in_flight_.empty()) return;
       lock.unlock();
       // Spin briefly for short collectives, then sleep.
       if (Clock::now() - first_poll < std::chrono::milliseconds(2)) {
@@ -423,48 +320,28 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
-  struct Pending {
-    std::uint64_t seq;
-    const char* op;
-    CudaEvent done;
-    Clock::time_point start;
-  };
-
   std::string label(const char* op, std::uint64_t seq) const {
     return detail::cat(op, " #", seq, " (nccl, rank ", rank_, " of ", size_,
                        ", cuda:", device_index_, ")");
   }
 
-  // Waits out ncclInProgress (non-blocking communicators) until `deadline`.
-  // Gives up early, setting *aborted, when abort() is called meanwhile.
-  ncclResult_t settle(ncclResult_t result, Clock::time_point deadline, bool* expired,
-                      bool* aborted) {
-    *expired = false;
-    *aborted = false;
-    const auto first_poll = Clock::now();
-    while (result == ncclInProgress) {
-      ncclResult_t state = ncclSuccess;
-      const ncclResult_t query = ncclCommGetAsyncError(comm_.get(), &state);
-      if (query != ncclSuccess) return query;
-      if (state != ncclInProgress) return state;
-      if (abort_requested_) {
-        *aborted = true;
-        return ncclInProgress;
-      }
-      if (Clock::now() >= deadline) {
-        *expired = true;
-        return ncclInProgress;
-      }
-      // Enqueueing usually settles within microseconds: spin first, sleep only when it lingers,
-      // or every collective would pay a whole poll interval.
-      if (Clock::now() - first_poll < std::chrono::milliseconds(2)) {
-        std::this_thread::yield();
-      } else {
-        std::this_thread::sleep_for(kCommPollInterval);
-      }
+  // Waits for the collectives in flight until `deadline`; false when some are left or one has
+  // failed. Never throws.
+  bool drain_locked(Clock::time_point deadline) noexcept {
+    while (true) {
+      poll_locked(Clock::now());
+      if (failed_) return false;
+      if (in_flight_.empty()) return true;
+      if (Clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(kCommPollInterval);
     }
-    return result;
   }
+
+  // Tells the caching allocator that the comm stream uses `t`, so that its memory is not handed
+  // out again, once `t` is freed, before the collective is done with it. The joined collectives
+  // need it too: the current stream waits for them, but a tensor freed and reallocated on
+  // another stream would not.
+  void record_on_comm_stream(const torch::Tensor& t) { t.record_stream(*stream_); }
 
   void count_empty(const char* op) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -488,17 +365,20 @@ class NcclCommunicator final : public Communicator {
     if (root) detail::check_root(op, *root, size_);
     if (t.numel() == 0) return count_empty(op);
     const InPlace x{t.data_ptr(), static_cast<std::size_t>(t.numel()), nccl_dtype(t.scalar_type())};
+    record_on_comm_stream(t);
     enqueue(
         op, [&](ncclComm_t comm, cudaStream_t stream) { return call(x, comm, stream); }, join_now);
   }
 
   void reduce_on(torch::Tensor& t, int root, ReduceOp op, bool join_now) {
+    detail::check_reduce_op("reduce", op, t);
     in_place("reduce", t, root, join_now, [&](const InPlace& x, ncclComm_t comm, cudaStream_t s) {
       return ncclReduce(x.data, x.data, x.count, x.dtype, nccl_op(op), root, comm, s);
     });
   }
 
   void allreduce_on(torch::Tensor& t, ReduceOp op, bool join_now) {
+    detail::check_reduce_op("allreduce", op, t);
     in_place("allreduce", t, std::nullopt, join_now,
              [&](const InPlace& x, ncclComm_t comm, cudaStream_t s) {
                return ncclAllReduce(x.data, x.data, x.count, x.dtype, nccl_op(op), comm, s);
@@ -515,27 +395,20 @@ class NcclCommunicator final : public Communicator {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_failed_locked(op);
     const std::uint64_t seq = ++seq_;
-    CudaEvent done;
-    if (free_events_.empty()) {
-      done = CudaEvent::create();
-    } else {
-      done = std::move(free_events_.back());
-      free_events_.pop_back();
-    }
+    CudaEvent done = in_flight_.take_event();
     MPU_CUDA_CHECK(cudaEventRecord(ready_.get(), current));
-    MPU_CUDA_CHECK(cudaStreamWaitEvent(stream_.get(), ready_.get(), 0));
+    MPU_CUDA_CHECK(cudaStreamWaitEvent(stream_->stream(), ready_.get(), 0));
     const auto start = Clock::now();
-    bool expired = false;
-    bool aborted = false;
-    const ncclResult_t result =
-        settle(launch(comm_.get(), stream_.get()), start + timeout_, &expired, &aborted);
-    if (aborted) {
+    Settle how = Settle::kDone;
+    const ncclResult_t result = detail::settle(comm_.get(), launch(comm_.get(), stream_->stream()),
+                                               blocking_, start + timeout_, abort_requested_, &how);
+    if (how == Settle::kAborted) {
       fail_locked(detail::cat("abort() was called on rank ", rank_, " while ", label(op, seq),
                               " was being enqueued"),
                   false);
       throw_if_failed_locked(op);
     }
-    if (expired) {
+    if (how == Settle::kExpired) {
       record_failure_locked(op, seq, true,
                             "NCCL did not finish enqueueing it; a peer may not "
                             "have joined");
@@ -545,9 +418,9 @@ class NcclCommunicator final : public Communicator {
       record_failure_locked(op, seq, false, detail::nccl_error_text(result, comm_.get()));
       throw_if_failed_locked(op);
     }
-    MPU_CUDA_CHECK(cudaEventRecord(done.get(), stream_.get()));
+    MPU_CUDA_CHECK(cudaEventRecord(done.get(), stream_->stream()));
     if (join_now) MPU_CUDA_CHECK(cudaStreamWaitEvent(current, done.get(), 0));
-    pending_.push_back(Pending{seq, op, std::move(done), start});
+    in_flight_.push(seq, op, std::move(done), start);
   }
 
   // Pops finished collectives; records a failure on an asynchronous NCCL error, a CUDA error or
@@ -557,31 +430,17 @@ class NcclCommunicator final : public Communicator {
     ncclResult_t state = ncclSuccess;
     const ncclResult_t query = ncclCommGetAsyncError(comm_.get(), &state);
     if (query != ncclSuccess) state = query;
-    if (state != ncclSuccess && state != ncclInProgress) {
-      const Pending* oldest = pending_.empty() ? nullptr : &pending_.front();
+    // ncclInProgress is a non-blocking communicator's "still working"; a blocking one never
+    // reports it, so from one it is an error like the others.
+    if (state != ncclSuccess && (blocking_ || state != ncclInProgress)) {
+      const auto oldest = in_flight_.oldest();
       record_failure_locked(
-          oldest ? oldest->op : "communicator", oldest ? oldest->seq : seq_.load(), false,
+          oldest ? oldest->first : "communicator", oldest ? oldest->second : seq_.load(), false,
           "NCCL reported an asynchronous error: " + detail::nccl_error_text(state, comm_.get()));
       return;
     }
-    while (!pending_.empty()) {
-      Pending& oldest = pending_.front();
-      const cudaError_t status = cudaEventQuery(oldest.done.get());
-      if (status == cudaSuccess) {
-        free_events_.push_back(std::move(oldest.done));
-        pending_.pop_front();
-        continue;
-      }
-      if (status != cudaErrorNotReady) {
-        (void)cudaGetLastError();
-        record_failure_locked(oldest.op, oldest.seq, false,
-                              detail::cat("CUDA error ", cudaGetErrorName(status), " (",
-                                          cudaGetErrorString(status), ")"));
-      } else if (now - oldest.start > timeout_) {
-        record_failure_locked(oldest.op, oldest.seq, true,
-                              "it did not finish; a peer may have stopped calling collectives");
-      }
-      return;
+    if (auto failure = in_flight_.poll(now, timeout_)) {
+      record_failure_locked(failure->op, failure->seq, failure->timed_out, failure->why);
     }
   }
 
@@ -636,17 +495,18 @@ class NcclCommunicator final : public Communicator {
   const int device_index_;
   const std::chrono::milliseconds timeout_;
   const int unwinding_at_construction_ = std::uncaught_exceptions();
+  const bool blocking_ = blocking_requested();
+  // A pool stream, never destroyed (see the file comment); set once the device index is checked.
+  std::optional<c10::cuda::CUDAStream> stream_;
   // Declared before comm_: destroyed after it.
-  CudaStream stream_;
   CudaEvent ready_;
   CudaEvent joined_;
-  std::vector<CudaEvent> free_events_;
-  std::deque<Pending> pending_;
+  detail::InFlight in_flight_;
   NcclComm comm_;
   torch::Tensor barrier_buffer_;
   std::atomic<std::uint64_t> seq_{0};
 
-  std::mutex mutex_;  // every NCCL call on comm_, pending_, free_events_ and the error state
+  std::mutex mutex_;  // every NCCL call on comm_, in_flight_ and the error state
   std::condition_variable cv_;
   bool stop_ = false;
   std::atomic<bool> failed_{false};
