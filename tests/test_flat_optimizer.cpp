@@ -14,10 +14,10 @@
 #include <utility>
 #include <vector>
 
+#include "misc/torch_compat.h"
 #include "mpu/error.h"
 #include "mpu/flat_buffer.h"
 #include "mpu/flat_optimizer.h"
-#include "misc/torch_compat.h"
 
 namespace {
 

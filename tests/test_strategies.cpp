@@ -3,6 +3,7 @@
 // Gloo everywhere; GPUs through NCCL where present ([nccl]).
 #include "catch_torch.h"
 
+#include <cmath>
 #include <functional>
 #include <sstream>
 
@@ -12,6 +13,7 @@
 #include "mpu/launch.h"
 #include "mpu/updater.h"
 #include "multiprocess.h"
+#include "sync/sync_engine.h"
 
 namespace {
 
@@ -600,4 +602,91 @@ TEST_CASE("Replicated and Sharded on GPUs equal one process of batch n*b", "[str
         }
       },
       ro);
+}
+
+namespace {
+
+// Parameters whose bit patterns are negative int32s (negative floats): the drift checksum, their
+// sum in int64, is negative.
+struct NegativeImpl : torch::nn::Module {
+  NegativeImpl() { w = register_parameter("w", torch::full({64}, -1.5f)); }
+  torch::Tensor w;
+};
+TORCH_MODULE(Negative);
+
+std::int64_t bit_checksum(const torch::Tensor& t) {
+  return t.detach().contiguous().view(torch::kInt).sum().item<std::int64_t>();
+}
+
+// Buffers fp32 cannot carry: an int64 counter above 2^24 + 1 and a double with 52 bits of
+// mantissa, next to an fp32 and a bool buffer.
+struct BuffersImpl : torch::nn::Module {
+  explicit BuffersImpl(int rank) {
+    w = register_parameter("w", torch::zeros({3}));
+    count = register_buffer("count", torch::full({2}, std::int64_t{0}, torch::kLong));
+    scale = register_buffer("scale", torch::zeros({2}, torch::kDouble));
+    mean = register_buffer("mean", torch::zeros({3}));
+    mask = register_buffer("mask", torch::zeros({2}, torch::kBool));
+    if (rank == 0) {
+      count.copy_(torch::tensor({(std::int64_t{1} << 24) + 1, (std::int64_t{1} << 40) + 3}));
+      scale.copy_(torch::tensor({1.0 + std::ldexp(1.0, -40), 0.1}, torch::kDouble));
+      mean.copy_(torch::tensor({0.25f, -3.0f, 7.5f}));
+      mask.copy_(torch::tensor({true, false}));
+    }
+  }
+  torch::Tensor w, count, scale, mean, mask;
+};
+TORCH_MODULE(Buffers);
+
+}  // namespace
+
+TEST_CASE("The drift message names both checksums exactly, negative ones too",
+          "[strategies][multiprocess]") {
+  // Old code: the checksum travelled as three fp32 pieces and was put back together with
+  // `static_cast<std::int64_t>(piece) << 44`, which overflows (undefined) for a negative sum
+  // and printed a wrong number. Now one int64 per rank is allgathered.
+  mpu::test::run_ranks(2, [&](const mpu::SpawnContext& ctx) {
+    Negative net;
+    torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.0));
+    auto comm = ctx.make_communicator();
+    auto o = with(mpu::Strategy::kReplicated);
+    o.drift_check_interval = 1;
+    mpu::detail::SyncEngine engine(*net, opt, *comm, o);
+    if (ctx.rank == 1) {
+      torch::NoGradGuard g;
+      net->w[5].fill_(-2.5f);
+    }
+    const std::int64_t mine = bit_checksum(net->w);
+    auto all = torch::zeros({2}, torch::kLong);
+    comm->allgather(all, torch::full({1}, mine, torch::kLong));
+    const auto r0 = all[0].item<std::int64_t>();
+    const auto r1 = all[1].item<std::int64_t>();
+    MPU_EXPECT(r0 < 0 && r1 < 0, "checksums ", r0, ", ", r1, " should be negative");
+    engine.zero_grad();
+    engine.arm(true);
+    (net->w * 0).sum().backward();
+    MPU_EXPECT_THROWS(engine.finish(1), mpu::CommError,
+                      mpu::detail::cat("rank 1's parameters differ from rank 0's (bit checksums ",
+                                       r1, " vs ", r0, ")"));
+  });
+}
+
+TEST_CASE("broadcast_buffers copies int64, double, fp32 and bool buffers exactly",
+          "[strategies][multiprocess]") {
+  // Old code: every buffer went through one fp32 tensor; 2^24 + 1 arrived as 2^24, 2^40 + 3 as
+  // 2^40 and 1 + 2^-40 as 1, so BatchNorm's num_batches_tracked and double statistics diverged.
+  mpu::test::run_ranks(2, [&](const mpu::SpawnContext& ctx) {
+    Buffers net(ctx.rank);
+    torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+    auto comm = ctx.make_communicator();
+    mpu::detail::SyncEngine engine(*net, opt, *comm, with(mpu::Strategy::kReplicated));
+    engine.broadcast_buffers();
+    const Buffers root(0);
+    MPU_EXPECT_EQUAL(net->count, root->count, " int64 buffer");
+    MPU_EXPECT_EQUAL(net->scale, root->scale, " double buffer");
+    MPU_EXPECT_EQUAL(net->mean, root->mean, " fp32 buffer");
+    MPU_EXPECT_EQUAL(net->mask, root->mask, " bool buffer");
+    MPU_EXPECT(net->count[0].item<std::int64_t>() == (std::int64_t{1} << 24) + 1, "count ",
+               net->count[0].item<std::int64_t>());
+  });
 }

@@ -21,6 +21,9 @@
 #include "mpu/communicator.h"
 #include "mpu/flat_buffer.h"
 #include "mpu/updater.h"
+#include "optim/optimizer_traits.h"
+#include "sync/bucket_scheduler.h"
+#include "sync/strategy.h"
 
 namespace mpu {
 class FlatOptimizer;
@@ -28,17 +31,14 @@ class FlatOptimizer;
 
 namespace mpu::detail {
 
-/// Moves every tensor of the optimizer's per-parameter state to `device`. Needed because
-/// Adagrad creates its state in its constructor, before the model reaches its device.
-void move_optimizer_state(torch::optim::Optimizer& optimizer, const torch::Device& device);
-
 /// Throws `InvalidArgument` naming the option and its value when `options` are out of range.
 void check_options(const UpdaterOptions& options, const char* who);
 
 /// The number of gradients the optimizer's rescaling counts: ranks x accumulation steps.
 int gradients_per_step(int world_size, const UpdaterOptions& options);
 
-/// One rank's share of a data-parallel step.
+/// One rank's share of a data-parallel step. What differs between strategies lives in a
+/// `GradSync` (sync/strategy.h); the bucket bookkeeping in a `BucketScheduler`.
 class SyncEngine {
  public:
   /// `model` must already be on `comm.device()`, and `optimizer` hold its parameters (on the
@@ -64,8 +64,9 @@ class SyncEngine {
 
   /// On every rank: the other ranks receive rank 0's parameters.
   void broadcast_parameters();
-  /// On every rank: buffers (BatchNorm statistics, counters) are copied from rank 0. Integer
-  /// buffers travel as fp32, exact up to 2^24.
+  /// On every rank: buffers (BatchNorm statistics, counters) are copied from rank 0, exactly:
+  /// each dtype's buffers travel as one tensor of that dtype (bool as uint8, int8 and int16 as
+  /// int32).
   void broadcast_buffers();
   /// On every rank: throws `mpu::InvalidArgument` on every rank when parameter names, shapes
   /// or dtypes differ between ranks; the differing rank's message names the first difference.
@@ -87,24 +88,17 @@ class SyncEngine {
   bool flat_step() const { return flat_opt_ != nullptr; }
   /// Number of gradient buckets communicated during backward (0: one collective after it, or
   /// none on a single rank).
-  std::size_t bucket_count() const { return buckets_.size(); }
+  std::size_t bucket_count() const { return buckets_ ? buckets_->size() : 0; }
   const FlatBuffer& flat() const { return flat_; }
 
  private:
   struct HookTarget;
-  struct Bucket {
-    std::int64_t offset = 0;
-    std::int64_t numel = 0;
-    int expected = 0;  // parameters that require a gradient
-    int ready = 0;
-  };
 
-  void install_hooks(const std::vector<std::pair<std::string, torch::Tensor>>& named);
+  void install_hooks(const std::vector<std::pair<std::string, torch::Tensor>>& named,
+                     std::int64_t cap_bytes);
   void on_gradient_ready(std::size_t entry);
   void launch(std::size_t bucket);
-  void reduce_whole();
-  void reduce_scatter_whole();
-  bool receives_gradients() const;
+  void reduce_gradients();
   bool gradients_finite();
   void check_drift(std::int64_t iteration);
   void join_buckets();
@@ -112,30 +106,18 @@ class SyncEngine {
   torch::nn::Module& model_;
   torch::optim::Optimizer& optimizer_;
   Communicator& comm_;
-  Strategy strategy_;
-  ReduceOp op_ = ReduceOp::kSum;
-  double prescale_ = 1.0;   // applied to local gradients before the collective
-  double postscale_ = 1.0;  // applied to the reduced gradients after it
   bool skip_nonfinite_;
   std::int64_t drift_interval_;
-  bool steps_here_;
-  // One rank: nothing to communicate. The gradients are only scaled (the mean over
-  // accumulation steps), and no collective is issued (DDP still issues its allreduces).
-  bool solo_;
   FlatBuffer flat_;
-  torch::Tensor wire_;        // gradients on the wire, when they are not the flat buffer itself
-  torch::Tensor param_wire_;  // parameters on the wire, when they are not the flat buffer itself
-  std::int64_t shard_offset_ = 0;
-  std::int64_t shard_numel_ = 0;
+  SyncContext ctx_;
+  std::unique_ptr<GradSync> sync_;
   std::unique_ptr<FlatOptimizer> flat_opt_;
 
-  std::vector<Bucket> buckets_;
-  std::vector<int> bucket_of_entry_;  // -1: no gradient expected
+  std::unique_ptr<BucketScheduler> buckets_;  // null: one reduction after backward
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
   std::shared_ptr<HookTarget> hook_target_;
   bool armed_ = false;
   bool unjoined_ = false;  // a bucket went out with an _async collective and is not joined yet
-  std::size_t next_bucket_ = 0;
   std::int64_t skipped_ = 0;
 };
 
