@@ -288,7 +288,7 @@ TEST_CASE("spawn: a rank that throws stops the others and is named", "[launch][m
   });
   const double elapsed = seconds_since(start);
   INFO(message);
-  CHECK_THAT(message, Contains("spawn: rank 1 of 3 (cpu) exited with code 1: boom from rank 1"));
+  CHECK_THAT(message, Contains("spawn: rank 1 of 3 (cpu) exited with status 1: boom from rank 1"));
   CHECK_THAT(message, Contains("stopped: rank 0, 2"));
   CHECK(elapsed < 10);
   CHECK(no_children_left());
@@ -336,7 +336,7 @@ TEST_CASE("spawn: a non-zero exit without an exception, and ranks that ignore SI
   });
   const double elapsed = seconds_since(start);
   INFO(message);
-  CHECK_THAT(message, Contains("rank 0 of 2 (cpu) exited with code 3: (no error message)"));
+  CHECK_THAT(message, Contains("rank 0 of 2 (cpu) exited with status 3: (no error message)"));
   CHECK_THAT(message, Contains("stopped: rank 1"));
   CHECK(elapsed < 10);  // SIGKILL after the 0.5 s grace period
   CHECK(no_children_left());
@@ -354,10 +354,10 @@ TEST_CASE("spawn: ranks that fail on their own after the first are listed too",
         cpu_ranks(2));
   });
   INFO(message);
-  CHECK_THAT(message, Contains("spawn: rank 0 of 2 (cpu) exited with code 1: failure of rank 0"));
+  CHECK_THAT(message, Contains("spawn: rank 0 of 2 (cpu) exited with status 1: failure of rank 0"));
   // Rank 1 throws before or after SIGTERM reaches it: either listed, or stopped.
   const bool listed =
-      message.find("also: rank 1 of 2 (cpu) exited with code 1: failure of rank 1") !=
+      message.find("also: rank 1 of 2 (cpu) exited with status 1: failure of rank 1") !=
       std::string::npos;
   const bool stopped = message.find("stopped: rank 1") != std::string::npos;
   CHECK((listed || stopped));
@@ -376,7 +376,7 @@ TEST_CASE("spawn: exit statuses survive SIGCHLD being ignored", "[launch][multip
   });
   std::signal(SIGCHLD, SIG_DFL);
   INFO(message);
-  CHECK_THAT(message, Contains("rank 1 of 2 (cpu) exited with code 7"));
+  CHECK_THAT(message, Contains("rank 1 of 2 (cpu) exited with status 7"));
   CHECK(no_children_left());
 }
 

@@ -12,6 +12,7 @@
 #include <limits>
 #include <sstream>
 
+#include "misc/env.h"
 #include "mpu/defaults.h"
 
 namespace mpu::datasets {
@@ -221,8 +222,7 @@ torch::Tensor read_idx_file(const std::string& path, const std::string& context,
 }
 
 std::string env_or(const char* name, const std::string& fallback) {
-  const char* value = std::getenv(name);
-  return (value != nullptr && *value != '\0') ? std::string(value) : fallback;
+  return detail::env_text(name).value_or(fallback);
 }
 
 struct Format {

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <vector>
 
+#include "misc/io.h"
 #include "misc/log.h"
 #include "mpu/error.h"
 
@@ -66,16 +67,8 @@ class TempFile {
 
 void write_all(int fd, const void* data, std::size_t size, const std::string& path,
                const std::string& what) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd, p, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const int err = errno;
-      MPU_THROW(Error, what, ": writing '", path, "' failed: ", errno_text(err));
-    }
-    p += n;
-    size -= static_cast<std::size_t>(n);
+  if (const int err = detail::write_all(fd, data, size); err != 0) {
+    MPU_THROW(Error, what, ": writing '", path, "' failed: ", errno_text(err));
   }
 }
 

@@ -1,7 +1,7 @@
 #include "mpu/version.h"
 
-#include "mpu/error.h"
 #include "misc/torch_compat.h"
+#include "mpu/error.h"
 
 namespace mpu {
 

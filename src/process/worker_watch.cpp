@@ -5,47 +5,38 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
+#include "misc/env.h"
 #include "misc/log.h"
 #include "mpu/communicator.h"
 #include "mpu/defaults.h"
 #include "mpu/error.h"
+#include "process/supervisor.h"
 
 namespace mpu::detail {
+namespace {
+constexpr unsigned kFlushBoundSeconds = 2;
+}  // namespace
 
 std::chrono::milliseconds worker_death_timeout(const UpdaterOptions& options) {
   MPU_CHECK(options.worker_death_timeout.count() >= 0,
             "UpdaterOptions::worker_death_timeout must be positive, or 0 for the default; got ",
             options.worker_death_timeout.count(), " ms");
   if (options.worker_death_timeout.count() > 0) return options.worker_death_timeout;
-  const char* text = std::getenv(kEnvWorkerDeathTimeout);
-  if (text == nullptr || *text == '\0') return kDefaultWorkerDeathTimeout;
-  char* end = nullptr;
-  errno = 0;
-  const double seconds = std::strtod(text, &end);
-  MPU_CHECK(errno == 0 && end != text && *end == '\0' && std::isfinite(seconds) && seconds > 0,
-            kEnvWorkerDeathTimeout, "=\"", text, "\" is not a positive number of seconds");
-  return std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0)));
+  return env_seconds(kEnvWorkerDeathTimeout).value_or(kDefaultWorkerDeathTimeout);
 }
 
-std::string describe_wait_status(int status) {
-  if (WIFEXITED(status)) {
-    const int code = WEXITSTATUS(status);
-    const char* meaning = code == kWorkerExitError        ? " (it failed)"
-                          : code == kWorkerExitCommError  ? " (a collective failed)"
-                          : code == kWorkerExitMasterGone ? " (the master was gone)"
-                                                          : "";
-    return cat("exited with status ", code, meaning);
-  }
-  if (WIFSIGNALED(status)) {
-    return cat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")",
-               WCOREDUMP(status) ? ", core dumped" : "");
-  }
-  return cat("ended with wait status ", status);
+const char* worker_exit_meaning(int code) {
+  return code == kWorkerExitError        ? " (it failed)"
+         : code == kWorkerExitCommError  ? " (a collective failed)"
+         : code == kWorkerExitMasterGone ? " (the master was gone)"
+                                         : "";
+}
+
+std::string describe_worker_status(int status) {
+  return describe_wait_status(status, worker_exit_meaning);
 }
 
 bool is_consequential_exit(int status) {
@@ -108,7 +99,10 @@ void watch_parent(pid_t master_pid, int fd, int rank, std::chrono::milliseconds 
       if (why != nullptr) {
         MPU_LOG_ERROR("MultiprocessParallelUpdater worker ", rank, ": ", why, " (master pid ",
                       master_pid, "); exiting with status ", kWorkerExitMasterGone);
-        ::_exit(kWorkerExitMasterGone);
+        // Flushing blocks while stdout is a full pipe nobody reads (its reader may have been
+        // the master): the alarm bounds the flush, so that the worker still leaves.
+        ::alarm(kFlushBoundSeconds);
+        exit_child(kWorkerExitMasterGone);
       }
     }
   }).detach();

@@ -37,8 +37,11 @@ inline constexpr int kWorkerExitMasterGone = 5;
 /// variable.
 std::chrono::milliseconds worker_death_timeout(const UpdaterOptions& options);
 
-/// "exited with status 2", "was killed by signal 9 (Killed)", ...
-std::string describe_wait_status(int status);
+/// What a worker's exit code means (" (it failed)"), or "": for describe_wait_status().
+const char* worker_exit_meaning(int code);
+
+/// "exited with status 2 (it failed)", "was killed by signal 9 (Killed)", ...
+std::string describe_worker_status(int status);
 
 /// True when a worker that ended with `status` failed as a consequence of another process
 /// (a failed collective, a vanished master) rather than on its own.
@@ -74,8 +77,8 @@ class ChildWatch {
 };
 
 /// In a worker: starts a detached thread that ends this process with kWorkerExitMasterGone,
-/// after logging why, once the master (`master_pid`) is gone: this process was re-parented, or
-/// the master's end of `fd` closed.
+/// after logging why and flushing its output, once the master (`master_pid`) is gone: this process
+/// was re-parented, or the master's end of `fd` closed.
 void watch_parent(pid_t master_pid, int fd, int rank, std::chrono::milliseconds interval);
 
 }  // namespace detail
