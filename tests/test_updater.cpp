@@ -11,11 +11,14 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <type_traits>
+#include <utility>
 
 #include "mpu/communicator.h"
 #include "mpu/iterator.h"
 #include "mpu/launch.h"
 #include "mpu/reporter.h"
+#include "mpu/trainer.h"
 #include "mpu/updater.h"
 #include "multiprocess.h"
 
@@ -371,6 +374,45 @@ TEST_CASE("MultiprocessParallelUpdater refuses bad input with a message that say
   auto empty = std::make_shared<torch::nn::Module>();
   CHECK_THROWS_WITH(mpu::MultiprocessParallelUpdater(empty, opt, {it(16)}, loss_of(net), cpus(1)),
                     Catch::Contains("the model has no parameters"));
+}
+
+// Before the fix a meta-device model was accepted; its first update failed inside the packing
+// layer with a bare c10 error and a long backtrace that named no parameter.
+TEST_CASE("The updaters refuse a model whose parameters are on the meta device, naming one",
+          "[updater]") {
+  auto all = make_data(16);
+  auto net = std::make_shared<torch::nn::Module>();
+  net->register_module("fc1", torch::nn::Linear(kFeatures, kClasses));
+  net->register_parameter("scale", torch::empty({kClasses}, torch::Device(torch::kMeta)));
+  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+  auto loss = [](const mpu::Batch& b) { return b.data.sum(); };
+  auto it = [&] { return std::make_shared<mpu::Iterator>(all, mpu::IteratorOptions(4)); };
+  CHECK_THROWS_AS(mpu::StandardUpdater(net, opt, it(), loss), mpu::InvalidArgument);
+  CHECK_THROWS_WITH(mpu::StandardUpdater(net, opt, it(), loss),
+                    Catch::Contains("StandardUpdater: parameter 'scale' is on the meta device") &&
+                        Catch::Contains("materialise"));
+  CHECK_THROWS_WITH(
+      mpu::MultiprocessParallelUpdater(net, opt, {it(), it()}, loss, cpus(2)),
+      Catch::Contains("MultiprocessParallelUpdater: parameter 'scale' is on the meta device"));
+}
+
+namespace {
+// Saving runs collectives (the sharded state is gathered, the workers are asked for their
+// iterators), so it must not be callable on a const updater or trainer; it was const before.
+template <typename T, typename = void>
+struct SavableWhenConst : std::false_type {};
+template <typename T>
+struct SavableWhenConst<T, std::void_t<decltype(std::declval<const T&>().save(
+                               std::declval<torch::serialize::OutputArchive&>()))>>
+    : std::true_type {};
+}  // namespace
+
+TEST_CASE("save() is not const: it is collective and advances the communicator", "[updater]") {
+  STATIC_REQUIRE_FALSE(SavableWhenConst<mpu::Updater>::value);
+  STATIC_REQUIRE_FALSE(SavableWhenConst<mpu::StandardUpdater>::value);
+  STATIC_REQUIRE_FALSE(SavableWhenConst<mpu::MultiprocessParallelUpdater>::value);
+  STATIC_REQUIRE_FALSE(SavableWhenConst<mpu::DistributedUpdater>::value);
+  STATIC_REQUIRE_FALSE(SavableWhenConst<mpu::Trainer>::value);
 }
 
 TEST_CASE("MultiprocessParallelUpdater refuses to fork once CUDA is initialised",

@@ -110,7 +110,7 @@ class ToyUpdater : public mpu::Updater {
     return true;
   }
 
-  void save(torch::serialize::OutputArchive& archive) const override {
+  void save(torch::serialize::OutputArchive& archive) override {
     torch::serialize::OutputArchive model;
     model_->save(model);
     archive.write("model", model);

@@ -200,8 +200,9 @@ class Trainer {
   /// The names of the registered extensions, in order of registration.
   std::vector<std::string> extension_names() const;
 
-  /// Writes the updater, the trainer's counters and every extension's state.
-  void save(torch::serialize::OutputArchive& archive) const;
+  /// Writes the updater, the trainer's counters and every extension's state. Collective when
+  /// the updater's save is (`Updater::collective_save()`), hence not const.
+  void save(torch::serialize::OutputArchive& archive);
   /// Reads what `save()` wrote. Throws mpu::InvalidArgument when the archive is not a torch-mpu
   /// snapshot, or when a parameter or buffer of the model changes shape or dtype (another
   /// model's snapshot); torch's own errors (a missing key) pass through as c10::Error. A failed
@@ -210,7 +211,7 @@ class Trainer {
 
   /// Writes a snapshot to `path` atomically: a temporary file in the same directory, fsync'ed,
   /// renamed over `path`. On failure `path` is left as it was.
-  void save_snapshot(const std::string& path) const;
+  void save_snapshot(const std::string& path);
   /// Loads a snapshot so that `run()` continues exactly where it was taken. Throws
   /// mpu::InvalidArgument naming `path` and what is wrong when the file is missing, truncated or
   /// corrupt, or holds another model's state. Never writes or removes files. Call it on every

@@ -64,8 +64,11 @@ class Updater {
   /// The model being trained (on this process).
   virtual torch::nn::Module& model() = 0;
 
-  /// Writes model, optimizer, iterator position and iteration count into `archive`.
-  virtual void save(torch::serialize::OutputArchive& archive) const = 0;
+  /// Writes model, optimizer, iterator position and iteration count into `archive`. Not const:
+  /// saving may run collectives and message the workers (the sharded optimizer state is gathered
+  /// from every rank, a MultiprocessParallelUpdater asks its workers for their iterators), so
+  /// every rank's updater takes part and its communicator advances.
+  virtual void save(torch::serialize::OutputArchive& archive) = 0;
   /// Restores what `save()` wrote; the next `update()` continues exactly where it was saved.
   virtual void load(torch::serialize::InputArchive& archive) = 0;
 
@@ -186,7 +189,7 @@ class StandardUpdater : public Updater {
   /// The iterator, as passed in.
   Iterator& iterator() { return *iterator_; }
 
-  void save(torch::serialize::OutputArchive& archive) const override;
+  void save(torch::serialize::OutputArchive& archive) override;
   void load(torch::serialize::InputArchive& archive) override;
 
  private:
@@ -223,6 +226,21 @@ struct WorkerSet;
 ///
 /// Because it forks, CUDA must not be initialised in this process before the first `update()`:
 /// count GPUs with `mpu::local_gpus()` (NVML), never with torch::cuda. It is checked.
+///
+/// Threads at the fork. The first `update()` forks while this process may already run threads,
+/// and a child keeps only the forking thread: a lock another thread held at the fork stays
+/// held in the worker forever. So:
+/// - LibTorch's intra-op pool (GNU OpenMP) is reset to one thread in each worker before any op.
+/// - The updater itself starts no thread before the forks: its death watch of the workers and
+///   (for CPUs) the TCPStore server start after the last fork.
+/// - Threads of your own (a data loader, a logger) that hold a lock the loss function or the
+///   iterators need in the worker, at the moment of the first `update()`, are yours to avoid:
+///   start them after the first `update()`, or keep them off those locks.
+///
+/// After a failure (a worker died, a collective failed, the loss function threw) the workers
+/// are stopped and reaped, and every later `update()`, `save()` or `load()` throws, repeating
+/// the first failure ("unusable because worker 2 (cpu, pid 4711) was killed by signal 9").
+/// Build a new updater, and resume from the last snapshot, to go on.
 class MultiprocessParallelUpdater : public Updater {
  public:
   /// Throws `mpu::InvalidArgument` when the iterators and devices differ in number, the
@@ -264,7 +282,7 @@ class MultiprocessParallelUpdater : public Updater {
   /// Process ids of the workers; empty before the first update and after `finalize()`.
   std::vector<int> worker_pids() const;
 
-  void save(torch::serialize::OutputArchive& archive) const override;
+  void save(torch::serialize::OutputArchive& archive) override;
   /// Restores model, optimizer (with its already rescaled options), iterator and iteration.
   /// Before the first update the workers are forked later from the loaded state; after it, the
   /// parameters are broadcast to the workers at once.
@@ -332,7 +350,7 @@ class DistributedUpdater : public Updater {
   bool collective_save() const override;
 
   /// Under Strategy::kSharded every rank must call it (it gathers the optimizer state).
-  void save(torch::serialize::OutputArchive& archive) const override;
+  void save(torch::serialize::OutputArchive& archive) override;
   /// Every rank must call it (it broadcasts rank 0's loaded parameters).
   void load(torch::serialize::InputArchive& archive) override;
 

@@ -242,7 +242,7 @@ void Trainer::run() {
   updater_.finalize();
 }
 
-void Trainer::save(torch::serialize::OutputArchive& archive) const {
+void Trainer::save(torch::serialize::OutputArchive& archive) {
   archive.write(kFormatKey, torch::tensor(kSnapshotFormatVersion, torch::kInt64));
   torch::serialize::OutputArchive trainer;
   trainer.write("iteration", torch::tensor(updater_.iteration(), torch::kInt64));
@@ -306,7 +306,7 @@ void Trainer::load(torch::serialize::InputArchive& archive) {
   }
 }
 
-void Trainer::save_snapshot(const std::string& path) const {
+void Trainer::save_snapshot(const std::string& path) {
   torch::serialize::OutputArchive archive;
   save(archive);
   detail::write_file_atomically(

@@ -155,7 +155,7 @@ bool StandardUpdater::is_new_epoch() const {
   return iterator_->is_new_epoch();
 }
 
-void StandardUpdater::save(torch::serialize::OutputArchive& archive) const {
+void StandardUpdater::save(torch::serialize::OutputArchive& archive) {
   detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);
 }
 
@@ -235,7 +235,7 @@ bool DistributedUpdater::collective_save() const {
   return step_->collective_save();
 }
 
-void DistributedUpdater::save(torch::serialize::OutputArchive& archive) const {
+void DistributedUpdater::save(torch::serialize::OutputArchive& archive) {
   step_->gather_state_for_save();
   detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);
   step_->release_saved_state();

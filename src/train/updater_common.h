@@ -23,6 +23,12 @@ inline void check_parameter_types(torch::nn::Module& model, const char* who) {
               c10::toString(t.scalar_type()),
               "; only floating-point parameters (Float, Double, Half, BFloat16) can be trained. "
               "Register integer state with register_buffer");
+    // A meta tensor has a shape but no storage (a model built under a meta-device guard, or
+    // loaded lazily): it would only fail at the first update, deep inside the packing layer.
+    MPU_CHECK(t.device().type() != c10::DeviceType::Meta, who, ": parameter '", p.key(),
+              "' is on the meta device (shape ", t.sizes(),
+              ", no storage); materialise the model's parameters (build it on the CPU or a GPU, or "
+              "load its weights) before handing it to the updater");
     if (first_name.empty()) {
       first_name = p.key();
       first_device = t.device();
