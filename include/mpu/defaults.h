@@ -59,6 +59,12 @@ inline constexpr const char* kEnvCudaVisibleDevices = "CUDA_VISIBLE_DEVICES";
 // --- Communicators and launch (communicator.h, launch.h) --------------------------------------
 /// How often an NCCL communicator's watchdog thread checks the collectives in flight.
 inline constexpr std::chrono::milliseconds kCommWatchdogInterval{100};
+/// The longest an NCCL communicator's destructor waits for ncclCommFinalize (capped by the
+/// communicator's timeout) before it aborts instead: a destructor must not block for minutes.
+inline constexpr std::chrono::milliseconds kNcclFinalizeTimeout{10000};
+/// How often a Gloo collective that waits for its peers looks at the abort flag, so that
+/// abort() from another thread wakes it.
+inline constexpr std::chrono::milliseconds kGlooAbortCheckInterval{50};
 /// "1": create NCCL communicators in blocking mode. The default, non-blocking mode lets a
 /// rendezvous or a first collective that a peer never joins time out instead of hanging.
 inline constexpr const char* kEnvNcclBlocking = "MPU_NCCL_BLOCKING";

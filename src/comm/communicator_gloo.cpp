@@ -28,9 +28,8 @@ using Clock = std::chrono::steady_clock;
 
 // How long a collective waits on its Gloo work before it looks at the abort flag again. c10d's
 // ProcessGroupGloo (1.13 and 2.x alike) has no way to cancel a collective in flight, so abort()
-// cannot wake the waiter; the waiter wakes itself this often. Only calls that block for longer
-// pay it: the wait returns the moment the work completes.
-constexpr std::chrono::milliseconds kAbortCheckInterval{50};
+// cannot wake the waiter; the waiter wakes itself every kGlooAbortCheckInterval (defaults.h).
+// Only calls that block for longer pay it: the wait returns the moment the work completes.
 
 class GlooCommunicator final : public Communicator {
  public:
@@ -258,7 +257,7 @@ class GlooCommunicator final : public Communicator {
     }
   }
 
-  // Waits for `work` to complete, waking every kAbortCheckInterval to look at the abort flag.
+  // Waits for `work` to complete, waking every kGlooAbortCheckInterval to look at the abort flag.
   // Returns false when abort() was called first; rethrows the work's own failure (Gloo's timeout
   // included).
   bool wait_unless_aborted(const c10::intrusive_ptr<c10d::Work>& work) {
@@ -266,7 +265,7 @@ class GlooCommunicator final : public Communicator {
       if (failed_.load()) return false;
       try {
         // Work::wait with a timeout throws "Operation timed out!" when the work is not done yet.
-        work->wait(kAbortCheckInterval);
+        work->wait(kGlooAbortCheckInterval);
       } catch (const std::exception&) {
         if (!work->isCompleted()) continue;
         break;  // finished with its own error just now: the wait below rethrows that one

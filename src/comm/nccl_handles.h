@@ -14,11 +14,6 @@ namespace mpu::detail {
 
 using Clock = std::chrono::steady_clock;
 
-/// The longest an NCCL communicator's destructor waits for its work in flight and for
-/// ncclCommFinalize before it gives up and calls ncclCommAbort. Shorter than the collective
-/// timeout: a process that is going away should not hang on peers that have stopped.
-inline constexpr std::chrono::seconds kNcclFinalizeTimeout{10};
-
 /// Logging from noexcept code: building the message may throw, the logging itself does not.
 template <typename... Args>
 void warn_noexcept(const Args&... args) noexcept {

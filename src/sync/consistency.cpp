@@ -3,6 +3,7 @@
 #include <map>
 #include <sstream>
 
+#include "comm/communicator_detail.h"
 #include "mpu/error.h"
 #include "sync/sync_engine.h"
 
@@ -19,15 +20,8 @@ std::vector<std::string> lines_of(const std::string& s) {
 // The dtype a buffer travels in: its own, where the communicator takes it, else one that holds
 // every value of it exactly.
 torch::Dtype buffer_wire_dtype(const std::string& name, torch::Dtype d) {
+  if (is_collective_dtype(d)) return d;
   switch (d) {
-    case torch::kFloat:
-    case torch::kHalf:
-    case torch::kBFloat16:
-    case torch::kDouble:
-    case torch::kInt:
-    case torch::kLong:
-    case torch::kByte:
-      return d;
     case torch::kBool:
       return torch::kByte;
     case torch::kChar:
