@@ -164,8 +164,7 @@ class NcclCommunicator final : public Communicator {
       if (comm_ && !failed_ && !failing) {
         // Bounded: a peer that has stopped would otherwise hold this process for the whole
         // collective timeout (minutes), in the wait below or inside ncclCommFinalize.
-        const auto bound =
-            std::min<std::chrono::milliseconds>(timeout_, kNcclFinalizeTimeout);
+        const auto bound = std::min<std::chrono::milliseconds>(timeout_, kNcclFinalizeTimeout);
         const auto deadline = Clock::now() + bound;
         // A blocking communicator's ncclCommFinalize waits for the work in flight on the host,
         // with no deadline: let it find the work done, or do not call it.
