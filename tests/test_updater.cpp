@@ -178,10 +178,11 @@ TEST_CASE("MultiprocessParallelUpdater on n CPUs equals one process of batch n*b
 TEST_CASE("MultiprocessParallelUpdater on GPUs equals one process of batch n*b",
           "[updater][multiprocess][nccl]") {
   const int gpus = mpu::local_gpu_count();
-  if (gpus < 2) {
-    WARN("skipped: needs 2 GPUs, this machine has " << gpus);
+  if (gpus < 1) {
+    WARN("skipped: needs a GPU, this machine has none");
     return;
   }
+  if (gpus == 1) WARN("1 GPU: runs 1 NCCL rank only; 2 and 4 ranks need more GPUs");
   std::vector<torch::Device> devices;
   for (int i = 0; i < std::min(gpus, 4); ++i) devices.emplace_back(torch::kCUDA, i);
   for (const auto& [name, make] : optimizers()) {
