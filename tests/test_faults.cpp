@@ -1017,10 +1017,13 @@ TEST_CASE("The worker-death bound is checked: a negative option, a malformed var
 TEST_CASE("A SIGKILLed worker is named with its rank, pid and signal every time, and stays named",
           "[faults][multiprocess]") {
   constexpr int kTrials = 8;
-  auto out = mpu::test::run_isolated([&] {
-    at::set_num_threads(1);
-    std::vector<torch::Tensor> texts;
-    for (int trial = 0; trial < kTrials; ++trial) {
+  // A process each: LibTorch 2.x with GPUs visible refuses autograd in a child forked after
+  // the parent ran backward(), as the master does in update().
+  std::vector<torch::Tensor> out;
+  for (int trial = 0; trial < kTrials; ++trial) {
+    auto texts = mpu::test::run_isolated([&] {
+      at::set_num_threads(1);
+      std::vector<torch::Tensor> texts;
       auto net = make_net();
       torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
       mpu::UpdaterOptions options;
@@ -1048,9 +1051,10 @@ TEST_CASE("A SIGKILLed worker is named with its rank, pid and signal every time,
       texts.push_back(text_tensor(std::to_string(pids.at(0))));
       texts.push_back(text_tensor(first));
       texts.push_back(text_tensor(second));
-    }
-    return texts;
-  });
+      return texts;
+    });
+    out.insert(out.end(), texts.begin(), texts.end());
+  }
   REQUIRE(out.size() == 3 * kTrials);
   for (int trial = 0; trial < kTrials; ++trial) {
     const std::string worker =
@@ -1062,6 +1066,39 @@ TEST_CASE("A SIGKILLed worker is named with its rank, pid and signal every time,
         Catch::Contains("update() after a failure; the updater is unusable because " + worker) &&
             !Catch::Contains("after finalize()"));
   }
+}
+
+TEST_CASE("CPU workers forked after a backward() on a GPU machine fail at once, saying why",
+          "[faults][multiprocess][cuda]") {
+  if (mpu::local_gpu_count() < 1) {
+    WARN("skipped: only LibTorch with GPUs visible refuses autograd after fork; none here");
+    return;
+  }
+  auto out = mpu::test::run_isolated([&] {
+    at::set_num_threads(1);
+    torch::Tensor x = torch::ones({2}, torch::requires_grad());
+    x.sum().backward();  // starts LibTorch's per-GPU autograd threads in this process
+    std::string what = "nothing was thrown";
+    try {
+      auto net = make_net();
+      torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+      mpu::MultiprocessParallelUpdater updater(net, opt, rank_iterators(2),
+                                               faulty_loss(net, -1, 0, Fault::kNone), cpus(2));
+      updater.update();
+    } catch (const std::exception& e) {
+      what = e.what();
+    }
+    return std::vector<torch::Tensor>{text_tensor(what)};
+  });
+  REQUIRE(out.size() == 1);
+  const std::string what = tensor_text(out[0]);
+  if (what == "nothing was thrown") {
+    WARN("this LibTorch runs autograd in children forked after backward(): nothing to refuse");
+    return;
+  }
+  CHECK_THAT(what, Catch::Contains("worker 1") &&
+                       Catch::Contains("LibTorch refuses backward() in a process forked after") &&
+                       Catch::Contains("CUDA_VISIBLE_DEVICES"));
 }
 
 // Before the fix, workers left through _exit() without flushing: what a loss function printed

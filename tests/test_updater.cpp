@@ -418,8 +418,8 @@ TEST_CASE("save() is not const: it is collective and advances the communicator",
 
 TEST_CASE("MultiprocessParallelUpdater refuses to fork once CUDA is initialised",
           "[updater][cuda]") {
-  if (mpu::local_gpu_count() < 2) {
-    WARN("skipped: needs 2 GPUs, this machine has " << mpu::local_gpu_count());
+  if (mpu::local_gpu_count() < 1) {
+    WARN("skipped: needs a GPU, this machine has none");
     return;
   }
   (void)torch::cuda::device_count();  // initialises CUDA, as user code often does by accident
@@ -427,11 +427,10 @@ TEST_CASE("MultiprocessParallelUpdater refuses to fork once CUDA is initialised"
   auto all = make_data(64);
   auto net = make_net();
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
-  std::vector<std::shared_ptr<mpu::Iterator>> its{shard_for(all, 0, 2), shard_for(all, 1, 2)};
+  std::vector<std::shared_ptr<mpu::Iterator>> its{shard_for(all, 0, 1)};
   CHECK_THROWS_WITH(
-      mpu::MultiprocessParallelUpdater(
-          net, opt, its, loss_of(net),
-          std::vector<torch::Device>{torch::Device("cuda:0"), torch::Device("cuda:1")}),
+      mpu::MultiprocessParallelUpdater(net, opt, its, loss_of(net),
+                                       std::vector<torch::Device>{torch::Device("cuda:0")}),
       Catch::Contains("CUDA is already initialised") && Catch::Contains("mpu::local_gpus()"));
 }
 

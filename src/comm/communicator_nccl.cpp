@@ -219,6 +219,7 @@ class NcclCommunicator final : public Communicator {
     detail::check_reduce_scatter(*this, out, in, op);
     const std::int64_t total = in.numel();
     if (total == 0) return count_empty("reduce_scatter");
+    if (size_ == 1) return copy_alone("reduce_scatter", out, in);
     const std::int64_t chunk = (total + size_ - 1) / size_;
     const ncclDataType_t dtype = nccl_dtype(in.scalar_type());
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
@@ -253,6 +254,7 @@ class NcclCommunicator final : public Communicator {
     detail::check_allgather(*this, out, in);
     const std::int64_t total = out.numel();
     if (total == 0) return count_empty("allgather");
+    if (size_ == 1) return copy_alone("allgather", out, in);
     const std::int64_t chunk = (total + size_ - 1) / size_;
     const ncclDataType_t dtype = nccl_dtype(out.scalar_type());
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index_));
@@ -346,6 +348,14 @@ class NcclCommunicator final : public Communicator {
     std::lock_guard<std::mutex> lock(mutex_);
     throw_if_failed_locked(op);
     ++seq_;
+  }
+
+  // One rank: reduce_scatter and allgather are a copy (sum, avg, min and max of one value are
+  // that value), done on torch's current stream. NCCL 2.28 also leaves the last element of an
+  // odd-length float64 ncclAvg reduce-scatter unwritten at one rank (H100, out of place).
+  void copy_alone(const char* op, torch::Tensor& out, const torch::Tensor& in) {
+    count_empty(op);
+    if (out.data_ptr() != in.data_ptr()) out.view({-1}).copy_(in.reshape({-1}));
   }
 
   // The buffer of an in-place collective, as NCCL takes it.

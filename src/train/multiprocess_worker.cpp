@@ -23,6 +23,28 @@
 #include "train/updater_common.h"
 
 namespace mpu {
+namespace {
+
+// LibTorch (2.x, with GPUs visible) marks a process forked after the parent's autograd threads
+// started, that is after any backward() there, and refuses backward() in it. Found out here,
+// before the rendezvous, with what to do, rather than as a stack trace at the first step.
+void check_autograd_after_fork(int k) {
+  std::string refused;
+  try {
+    torch::Tensor x = torch::zeros({1}, torch::requires_grad());
+    x.sum().backward();
+  } catch (const c10::Error& e) {
+    refused = e.what_without_backtrace();
+  }
+  MPU_CHECK(refused.empty(), "worker ", k,
+            ": LibTorch refuses backward() in a process forked after the parent ran backward() "
+            "with GPUs visible (",
+            refused.substr(0, refused.find('\n')),
+            "). Construct the MultiprocessParallelUpdater before the first backward() of this "
+            "process, or hide the GPUs of a CPU-only job with CUDA_VISIBLE_DEVICES=\"\"");
+}
+
+}  // namespace
 
 [[noreturn]] void MultiprocessParallelUpdater::run_worker(int k, int fd) noexcept {
   using detail::MessageType;
@@ -40,6 +62,7 @@ namespace mpu {
     // The fork left this process with the forking thread only. GNU OpenMP does not survive
     // fork(): one intra-op thread, as torchrun's default, before any op runs.
     at::set_num_threads(1);
+    check_autograd_after_fork(k);
     // Workers follow the master: they leave when it says so or when it is gone, not on the
     // Ctrl-C or SIGTERM meant for the job, so that the master can still save their state.
     ::signal(SIGINT, SIG_IGN);
