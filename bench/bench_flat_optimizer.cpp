@@ -6,8 +6,16 @@
 // (so the flat step's host work counts), and on CUDA also the CUDA-event time of the step.
 // Both optimizers start from the same parameters and see the same gradients, so their
 // parameters must agree bit for bit afterwards; the "exact" column says whether they do.
-// Prints a markdown table and one JSON line; --json FILE also writes the JSON line to FILE.
-// The goal: the flat step >= 10x faster than the plain step, on every row.
+// On CUDA it also times the fused step (one kernel per step; FlatOptimizerOptions::fused) on
+// the same parameters for every optimizer, in fp32 and in bf16 master-weights mode (bf16
+// gradients and parameters, fp32 master and state), beside the bytes that step must move (the
+// gradient read, the master read and written, each state buffer read and written, the bf16
+// parameter written) and the time a device-to-device copy of the same bytes takes on the same
+// card, measured in the same run: the memory-bandwidth bound. The torch-operation rows above
+// are the unfused flat step (fused = false), so their "exact" column still holds.
+// Prints markdown tables and one JSON line; --json FILE also writes the JSON line to FILE.
+// The goals: the flat step >= 10x faster than the plain step, on every row; the fused step
+// within 1.3x of its bandwidth bound, on every row.
 #include <torch/torch.h>
 #include <torch/version.h>
 
@@ -44,6 +52,7 @@ using mpu::bench::same_bits;
 constexpr std::int64_t kResNet50Elements = 25557032;
 constexpr std::int64_t kResNet50Tensors = 161;
 constexpr double kGoalSpeedup = 10.0;
+constexpr double kGoalBoundRatio = 1.3;
 
 struct Options {
   int warmup = -1;  // -1: 10 on CUDA, 1 on CPU
@@ -258,7 +267,9 @@ Row run(const OptimizerConfig& c, torch::Dtype dtype, torch::Device device, cons
 
   auto plain_opt = c.make(plain);
   auto flat_opt = c.make(flat);
-  mpu::FlatOptimizer flat_step(*flat_opt, buffer.flat_data(), buffer.flat_grad());
+  mpu::FlatOptimizerOptions unfused;
+  unfused.fused = false;
+  mpu::FlatOptimizer flat_step(*flat_opt, buffer.flat_data(), buffer.flat_grad(), 0, -1, unfused);
 
   Row row;
   row.dtype = dtype == torch::kFloat ? "fp32" : "bf16";
@@ -269,6 +280,70 @@ Row run(const OptimizerConfig& c, torch::Dtype dtype, torch::Device device, cons
   std::vector<torch::Tensor> parts;
   for (const auto& p : plain) parts.push_back(p.detach().reshape({-1}));
   row.exact = same_bits(torch::cat(parts).cpu(), buffer.flat_data().cpu());
+  return row;
+}
+
+// --- The fused step against the bandwidth bound ---------------------------------------------
+
+struct FusedRow {
+  std::string mode;  // "fp32" or "bf16 master"
+  std::string optimizer;
+  Timing fused;
+  std::int64_t bytes = 0;  // what one step must read and write
+  double bound_ms = 0;     // bytes at the measured copy bandwidth
+  double ratio() const { return fused.event_ms / bound_ms; }
+};
+
+// The device-to-device copy bandwidth (bytes read + bytes written per second) of a buffer of
+// `bytes` bytes, timed with the same timer as the steps.
+double copy_bandwidth(std::int64_t bytes, torch::Device device, const Timer& timer) {
+  const auto opts = torch::TensorOptions().dtype(torch::kUInt8).device(device);
+  torch::Tensor src = torch::ones({bytes}, opts);
+  torch::Tensor dst = torch::empty({bytes}, opts);
+  const Timing t = timer.time([&] { dst.copy_(src); });
+  return 2.0 * static_cast<double>(bytes) / (t.event_ms * 1e-3);
+}
+
+FusedRow run_fused(const OptimizerConfig& c, bool master, torch::Device device, const Timer& timer,
+                   double copy_bytes_per_s) {
+  const torch::Dtype dtype = master ? torch::kBFloat16 : torch::kFloat;
+  const auto opts = torch::TensorOptions().dtype(dtype).device(device);
+  std::vector<torch::Tensor> params;
+  {
+    torch::NoGradGuard no_grad;
+    torch::manual_seed(0);
+    for (const auto& shape : resnet50_shapes()) {
+      torch::Tensor p = torch::randn(shape, opts);
+      p.mutable_grad() = torch::randn(shape, opts).mul_(1e-2);
+      params.push_back(p);
+    }
+  }
+  mpu::FlatBufferOptions fo;
+  fo.dtype = dtype;
+  fo.zero_copy = mpu::ZeroCopy::kOn;
+  mpu::FlatBuffer buffer(params, fo);
+  auto opt = c.make(params);
+  mpu::FlatOptimizerOptions options;
+  torch::Tensor flat_param = buffer.flat_data();
+  if (master) {
+    options.model_param = buffer.flat_data();
+    flat_param = buffer.flat_data().to(torch::kFloat);
+  }
+  mpu::FlatOptimizer step(*opt, flat_param, buffer.flat_grad(), 0, -1, options);
+  MPU_CHECK(step.fused(), "bench_flat_optimizer: the fused step is not in use for ", c.name);
+
+  FusedRow row;
+  row.mode = master ? "bf16 master" : "fp32";
+  row.optimizer = c.name;
+  row.fused = timer.time([&] { step.step(); });
+  // Per element: the gradient read; the master read and written; each state buffer read and
+  // written (SGD's momentum buffer is read from the second step on, which the warm-up passes);
+  // the bf16 parameter written.
+  const std::int64_t n = buffer.numel();
+  const auto state_buffers = static_cast<std::int64_t>(step.state_names().size());
+  const std::int64_t grad_bytes = static_cast<std::int64_t>(buffer.flat_grad().element_size());
+  row.bytes = n * (grad_bytes + 2 * 4 + state_buffers * 2 * 4 + (master ? 2 : 0));
+  row.bound_ms = static_cast<double>(row.bytes) / copy_bytes_per_s * 1e3;
   return row;
 }
 
@@ -316,6 +391,20 @@ int main(int argc, char** argv) {
       }
     }
 
+    std::vector<FusedRow> fused_rows;
+    double copy_bytes_per_s = 0;
+    if (cuda) {
+      // A copy of the fp32 master's size: 2 x 102 MB moved, as large as the step's buffers.
+      copy_bytes_per_s = copy_bandwidth(elements * 4, device, timer);
+      for (const bool master : {false, true}) {
+        for (const auto& c : optimizer_configs()) {
+          if (!o.only.empty() && c.name.find(o.only) == std::string::npos) continue;
+          fused_rows.push_back(run_fused(c, master, device, timer, copy_bytes_per_s));
+          std::fflush(stdout);
+        }
+      }
+    }
+
     std::printf(
         "## torch::optim step() vs FlatOptimizer::step(), ResNet-50 parameters "
         "(%lld tensors, %lld elements)\n\n",
@@ -343,6 +432,28 @@ int main(int argc, char** argv) {
     std::printf("\nGoal: the flat step >= %.0fx faster than the plain step on every row: %s.\n",
                 kGoalSpeedup, all_met ? "met" : "not met");
 
+    bool bound_met = !fused_rows.empty();
+    if (cuda) {
+      std::printf(
+          "\n## Fused step (one kernel) vs the memory-bandwidth bound, ResNet-50 parameters\n\n"
+          "Bound: the bytes the step must read and write at the device-to-device copy bandwidth "
+          "measured in this run (%.1f GB/s, read + write, on a %.1f MB buffer). fp32: fp32 "
+          "gradients, parameters and state. bf16 master: bf16 gradients and parameters, fp32 "
+          "master and state. Times are CUDA-event medians (wall clock in parentheses).\n\n",
+          copy_bytes_per_s * 1e-9, static_cast<double>(elements * 4) * 1e-6);
+      std::printf(
+          "| mode | optimizer | fused step (ms) | bytes (MB) | bound (ms) | time / bound |\n");
+      std::printf("|---|---|---:|---:|---:|---:|\n");
+      for (const auto& r : fused_rows) {
+        std::printf("| %s | %s | %.3f (%.3f) | %.1f | %.3f | %.2fx |\n", r.mode.c_str(),
+                    r.optimizer.c_str(), r.fused.event_ms, r.fused.wall_ms,
+                    static_cast<double>(r.bytes) * 1e-6, r.bound_ms, r.ratio());
+        bound_met = bound_met && r.ratio() <= kGoalBoundRatio;
+      }
+      std::printf("\nGoal: the fused step within %.1fx of the bound on every row: %s.\n",
+                  kGoalBoundRatio, bound_met ? "met" : "not met");
+    }
+
     std::ostringstream js;
     js << "{\"bench\":\"flat_optimizer\",\"device\":\"" << json_escape(card) << "\",\"torch\":\""
        << TORCH_VERSION << "\",\"tensors\":" << kResNet50Tensors << ",\"elements\":" << elements
@@ -355,8 +466,17 @@ int main(int argc, char** argv) {
          << ",\"flat_event_ms\":" << r.flat.event_ms << ",\"speedup\":" << r.speedup()
          << ",\"exact\":" << (r.exact ? "true" : "false") << "}";
     }
-    js << "],\"goal_speedup\":" << kGoalSpeedup << ",\"goal_met\":" << (all_met ? "true" : "false")
-       << "}";
+    js << "],\"goal_speedup\":" << kGoalSpeedup << ",\"goal_met\":" << (all_met ? "true" : "false");
+    js << ",\"copy_gbps\":" << copy_bytes_per_s * 1e-9 << ",\"fused\":[";
+    for (std::size_t i = 0; i < fused_rows.size(); ++i) {
+      const auto& r = fused_rows[i];
+      js << (i ? "," : "") << "{\"mode\":\"" << r.mode << "\",\"optimizer\":\""
+         << json_escape(r.optimizer) << "\",\"fused_ms\":" << r.fused.wall_ms
+         << ",\"fused_event_ms\":" << r.fused.event_ms << ",\"bytes\":" << r.bytes
+         << ",\"bound_ms\":" << r.bound_ms << ",\"ratio\":" << r.ratio() << "}";
+    }
+    js << "],\"goal_bound_ratio\":" << kGoalBoundRatio
+       << ",\"bound_goal_met\":" << (bound_met ? "true" : "false") << "}";
     std::printf("\n%s\n", js.str().c_str());
     if (!o.json.empty()) {
       std::ofstream f(o.json);

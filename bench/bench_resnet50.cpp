@@ -1,7 +1,7 @@
 // Training throughput of torchvision's ResNet-50 (the ResNet example's torch::nn copy) under
 // mpu::DistributedUpdater, for every strategy, precision and process count asked for:
 //
-//   bench_resnet50 [--gpus 1,2,4] [--precision fp32,bf16] [--strategy master,replicated,sharded]
+//   bench_resnet50 [--gpus 1,2,4] [--precision fp32,bf16_autocast,bf16_mixed,fp16_mixed] [--strategy master,replicated,sharded]
 //                  [--batch-size 64] [--warmup 10] [--iters 30] [--json FILE] [--device cpu]
 //                  [--image-size 224] [--arch resnet50] ...        (--help lists them all)
 //
@@ -87,10 +87,23 @@ struct Options {
   std::string json;
 };
 
+// "bf16" and "fp16": the whole model in that dtype. The policy names (bf16_autocast, ...) keep
+// an fp32 model; the updater's precision policy does the rest.
+bool is_policy(const std::string& name) {
+  return name != "bf16" && name != "fp16";
+}
+
 torch::Dtype dtype_of(const std::string& name) {
   if (name == "bf16") return torch::kBFloat16;
   if (name == "fp16") return torch::kHalf;
   return torch::kFloat;
+}
+
+// The dtype gradients have: what "--wire-dtype param" sends, as DDP communicates them.
+torch::Dtype gradient_dtype(const std::string& precision) {
+  if (!is_policy(precision)) return dtype_of(precision);
+  const mpu::Precision p = mpu::parse_precision(precision);
+  return mpu::has_master_weights(p) ? mpu::compute_dtype(p) : torch::kFloat;
 }
 
 std::size_t bucket_bytes_of(const Options& o) {
@@ -215,7 +228,7 @@ struct RankResult {
 void run_rank(const mpu::SpawnContext& ctx, const Options& o, const Row& row,
               const std::string& row_path) {
   const torch::Device device = ctx.device;
-  const torch::Dtype dtype = dtype_of(row.precision);
+  const torch::Dtype dtype = is_policy(row.precision) ? torch::kFloat : dtype_of(row.precision);
   use_device(device);
   at::globalContext().setBenchmarkCuDNN(true);
   torch::manual_seed(o.seed + static_cast<std::uint64_t>(ctx.rank));
@@ -254,8 +267,11 @@ void run_rank(const mpu::SpawnContext& ctx, const Options& o, const Row& row,
   mpu::UpdaterOptions uo;
   uo.strategy = mpu::parse_strategy(row.strategy);
   uo.bucket_bytes = bucket_bytes_of(o);
-  const std::string wire = o.wire_dtype == "param" ? row.precision : o.wire_dtype;
-  uo.wire_dtype = dtype_of(wire);
+  uo.wire_dtype = o.wire_dtype == "param" ? gradient_dtype(row.precision) : dtype_of(o.wire_dtype);
+  const std::string wire = uo.wire_dtype == torch::kBFloat16 ? "bf16"
+                           : uo.wire_dtype == torch::kHalf   ? "fp16"
+                                                              : "fp32";
+  if (is_policy(row.precision)) uo.precision = mpu::parse_precision(row.precision);
   uo.flat_step = !o.no_flat_step;
   uo.converter = [images, labels](const mpu::Batch&, const torch::Device&) {
     return mpu::Batch(images, labels);
@@ -454,9 +470,12 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
-  app.add_option("--precision", o.precisions, "Parameter dtypes: fp32, bf16, fp16")
+  app.add_option("--precision", o.precisions,
+                 "Precision policies (fp32, bf16_autocast, fp16_autocast, bf16_mixed, "
+                 "fp16_mixed), or bf16/fp16: the whole model in that dtype")
       ->delimiter(',')
-      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
+      ->check(CLI::IsMember(
+          {"fp32", "bf16", "fp16", "bf16_autocast", "fp16_autocast", "bf16_mixed", "fp16_mixed"}))
       ->capture_default_str();
   app.add_option("--strategy", o.strategies, "Strategies: master, replicated, sharded")
       ->delimiter(',')

@@ -3,26 +3,42 @@
 torch.nn.parallel.DistributedDataParallel (NCCL), with the same batch, precision, optimizer,
 data and timing as the C++ benchmark, writing JSON in the same schema.
 
-usage: bench/ddp_reference.py [--gpus 1,2,4] [--precision fp32,bf16] [--batch-size 64]
-                              [--warmup 10] [--iters 30] [--json FILE]
+usage: bench/ddp_reference.py [--gpus 1,2,4] [--precision fp32,bf16_autocast,fp16_autocast]
+                              [--batch-size 64] [--warmup 10] [--iters 30] [--json FILE]
                               [--device cpu --arch resnet18 --image-size 32]   (a CPU smoke run)
+
+Precisions (--precision, comma-separated; each is one row per process count):
+  fp32           parameters, data and compute in fp32.
+  bf16, fp16     the whole model in that dtype: parameters, gradients (so DDP's wire), the
+                 optimizer step and the data (model.to(dtype), as bench_resnet50 once did).
+  bf16_autocast  fp32 parameters and data; forward and loss under
+                 torch.autocast(device, dtype=torch.bfloat16); fp32 gradients on DDP's wire.
+  fp16_autocast  as bf16_autocast in float16, with torch.amp.GradScaler at its defaults
+                 (scaler.scale(loss).backward(), scaler.step(optimizer), scaler.update()).
+                 GPUs only: with --device cpu it is refused.
+These are the DDP halves of torch-mpu's policies (include/mpu/precision.h): bench/resnet_report.py
+pairs torch-mpu's fp32 with DDP's fp32, bf16_autocast and bf16_mixed with DDP's bf16_autocast,
+fp16_autocast and fp16_mixed with DDP's fp16_autocast.
 
 Every row (process count x precision) runs in fresh processes started with
 torch.multiprocessing.spawn (MASTER_ADDR/MASTER_PORT set here; no torchrun), one per GPU. Each
-rank builds torchvision.models.resnet50(num_classes), moves it to its GPU (and to bfloat16 for
-bf16: parameters in bf16, as bench_resnet50 does), wraps it in DDP (default bucket size,
-gradients averaged), and uses torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-4) in its
-default implementation. The data are one random batch per rank, made once on the GPU in the
-training dtype; the loss is cross-entropy of the logits cast to fp32. cudnn.benchmark is on.
+rank builds torchvision.models.resnet50(num_classes), moves it to its GPU (in the parameter
+dtype of the precision), wraps it in DDP (default bucket size, gradients averaged), and uses
+torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-4) in its default implementation. The data
+are one random batch per rank, made once on the GPU in the parameter dtype; the loss is
+cross-entropy of the logits cast to fp32. cudnn.benchmark is on.
 
 Timing per rank: --warmup steps, torch.cuda.synchronize, a barrier, --iters timed steps,
 torch.cuda.synchronize. The row's time is the slowest rank's, and
 images/s = ranks * batch * iters / time. Also per rank: torch.cuda.max_memory_allocated and
-max_memory_reserved over the whole process, and the bytes of the optimizer's state tensors.
-A row that fails is recorded with its error and the next one runs.
+max_memory_reserved over the whole process, and the bytes of the optimizer's state tensors; for
+fp16_autocast the final loss scale and the steps GradScaler skipped. (GradScaler.step reads its
+overflow flag on the host, a synchronisation per step: that is what its default settings cost,
+and it is timed.) A row that fails is recorded with its error and the next one runs.
 
---device cpu runs the same on CPU processes over Gloo (no memory figures), to check the script
-where there is no GPU; the benchmark itself is the GPU run.
+--device cpu runs the same on CPU processes over Gloo (no memory figures; bf16_autocast under
+torch.autocast("cpu", dtype=torch.bfloat16)), to check the script where there is no GPU; the
+benchmark itself is the GPU run.
 """
 import argparse
 import datetime
@@ -38,6 +54,16 @@ import traceback
 LR = 0.1
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
+
+# Precision name -> (parameter dtype name, autocast dtype name or None, loss scaling).
+PRECISIONS = {
+    "fp32": ("float32", None, False),
+    "bf16": ("bfloat16", None, False),
+    "fp16": ("float16", None, False),
+    "bf16_autocast": ("float32", "bfloat16", False),
+    "fp16_autocast": ("float32", "float16", True),
+}
+WIRE_NAME = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def free_port():
@@ -77,21 +103,37 @@ def run_rank(rank, world, args, precision, port, result_path):
     try:
         torch.backends.cudnn.benchmark = True
         torch.manual_seed(args.seed + rank)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        param_name, autocast_name, loss_scaling = PRECISIONS[precision]
+        dtype = getattr(torch, param_name)
+        autocast_dtype = getattr(torch, autocast_name) if autocast_name else None
 
         model = getattr(torchvision.models, args.arch)(num_classes=args.classes).to(device=device, dtype=dtype)
         parameters = sum(p.numel() for p in model.parameters())
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        scaler = torch.amp.GradScaler(device.type) if loss_scaling else None
+        initial_scale = scaler.get_scale() if scaler is not None else None
 
         images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(dtype)
         labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
 
+        def forward_loss():
+            return F.cross_entropy(ddp(images).float(), labels)
+
         def step():
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(ddp(images).float(), labels)
-            loss.backward()
-            optimizer.step()
+            if autocast_dtype is None:
+                loss = forward_loss()
+            else:
+                with torch.autocast(device.type, dtype=autocast_dtype):
+                    loss = forward_loss()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             return loss
 
         def synchronize():
@@ -114,6 +156,14 @@ def run_rank(rank, world, args, precision, port, result_path):
             "peak_reserved": torch.cuda.max_memory_reserved(device) if cuda else -1,
             "optimizer_state": optimizer_state_bytes(optimizer),
         }
+        scaling = {}
+        if scaler is not None:
+            # Within growth_interval (2000) steps the scale only backs off, once per skipped
+            # step, so the halvings count the skipped steps exactly.
+            final_scale = scaler.get_scale()
+            scaling = {"loss_scale": final_scale,
+                       "skipped_steps": round(math.log2(initial_scale / final_scale))
+                       if args.warmup + args.iters < 2000 and final_scale > 0 else None}
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank == 0:
@@ -132,7 +182,10 @@ def run_rank(rank, world, args, precision, port, result_path):
                 "parameters": parameters,
                 "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "backend": "nccl" if cuda else "gloo",
-                "wire_dtype": precision,
+                "param_dtype": WIRE_NAME[param_name],
+                "autocast_dtype": WIRE_NAME[autocast_name] if autocast_name else None,
+                "wire_dtype": WIRE_NAME[param_name],
+                **scaling,
             }
             with open(result_path, "w") as f:
                 json.dump(row, f)
@@ -140,7 +193,9 @@ def run_rank(rank, world, args, precision, port, result_path):
             print(f"ddp_reference: {world} x {row['device_name']}, {precision}, ddp: "
                   f"{row['images_per_s']:.1f} images/s, loss {final_loss:.3f}"
                   + (f", peak {peak / 1e9:.2f} GB allocated" if peak >= 0 else "")
-                  + f", optimizer state {max(row['optimizer_state_bytes']) / 1e6:.1f} MB on the fullest rank",
+                  + f", optimizer state {max(row['optimizer_state_bytes']) / 1e6:.1f} MB on the fullest rank"
+                  + (f", loss scale {scaling['loss_scale']:g} ({scaling['skipped_steps']} steps skipped)"
+                     if scaling else ""),
                   flush=True)
         dist.barrier()
     finally:
@@ -171,6 +226,10 @@ def document(args, rows):
         "iters": args.iters,
         "optimizer": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
         "updater": {"ddp_bucket_cap_mb": 25, "gradient_as_bucket_view": False},
+        "precisions": {q: {"param_dtype": WIRE_NAME[PRECISIONS[q][0]],
+                           "autocast_dtype": WIRE_NAME[PRECISIONS[q][1]] if PRECISIONS[q][1] else None,
+                           "loss_scaling": "torch.amp.GradScaler defaults" if PRECISIONS[q][2] else None}
+                       for q in args.precision},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "results": rows,
     }
@@ -195,7 +254,9 @@ def str_list(text):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int_list, default=[1, 2, 4], help="process counts, comma-separated")
-    p.add_argument("--precision", type=str_list, default=["fp32", "bf16"], help="fp32, bf16, fp16")
+    p.add_argument("--precision", type=str_list, default=None,
+                   help=f"comma-separated, of {', '.join(PRECISIONS)} (default: fp32,bf16_autocast,fp16_autocast; "
+                        "on --device cpu: fp32,bf16_autocast)")
     p.add_argument("--batch-size", type=int, default=64, help="batch per GPU")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--classes", type=int, default=1000)
@@ -210,9 +271,16 @@ def main():
     args = p.parse_args()
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--iters and --batch-size must be at least 1, --warmup at least 0")
+    if args.precision is None:
+        args.precision = ["fp32", "bf16_autocast"] + (["fp16_autocast"] if args.device == "cuda" else [])
+    if not args.precision:
+        p.error("--precision: no precision given")
     for precision in args.precision:
-        if precision not in ("fp32", "bf16", "fp16"):
-            p.error(f"--precision {precision}: valid precisions are fp32, bf16, fp16")
+        if precision not in PRECISIONS:
+            p.error(f"--precision {precision}: valid precisions are {', '.join(PRECISIONS)}")
+    if args.device == "cpu" and "fp16_autocast" in args.precision:
+        p.error("--precision fp16_autocast needs --device cuda: float16 autocast with GradScaler "
+                "is measured on GPUs only; the CPU smoke run takes fp32 and bf16_autocast")
 
     import torch
     import torch.multiprocessing as mp

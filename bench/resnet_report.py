@@ -14,8 +14,14 @@ The section replaces what lies between the markers <!-- resnet50:begin --> and
 <!-- resnet50:end --> (added before "## Training", or at the end, when absent); the rest of
 the file is kept. The section is also written to DIR/resnet50_section.md.
 
+Precisions are torch-mpu's policies (include/mpu/precision.h): fp32, bf16_autocast,
+fp16_autocast, bf16_mixed, fp16_mixed, and the older bf16 and fp16 (the whole model in that
+dtype). Each torch-mpu row is compared with one DDP row (bench/ddp_reference.py): the same
+precision, except bf16_mixed against DDP's bf16_autocast and fp16_mixed against DDP's
+fp16_autocast (DDP has no fp32 master copy; autocast is what a PyTorch user runs instead).
+
 Scaling efficiency = images/s at n / (n * images/s at 1), same strategy and precision.
-"x DDP" = images/s / DDP's images/s at the same n and precision.
+"x DDP" = images/s / the paired DDP row's images/s at the same n.
 """
 import argparse
 import json
@@ -31,7 +37,11 @@ PLOT = "resnet50_throughput.png"
 STRATEGIES = ["ddp", "master", "replicated", "sharded"]
 LABEL = {"ddp": "PyTorch DDP", "master": "torch-mpu master", "replicated": "torch-mpu replicated",
          "sharded": "torch-mpu sharded"}
-PRECISIONS = ["fp32", "bf16", "fp16"]
+PRECISIONS = ["fp32", "bf16", "fp16", "bf16_autocast", "bf16_mixed", "fp16_autocast", "fp16_mixed"]
+# The DDP precision each torch-mpu precision is compared with; the same name where absent.
+DDP_PARTNER = {"bf16_mixed": "bf16_autocast", "fp16_mixed": "fp16_autocast"}
+# The reduced-precision policies of issue 20, held to GOAL_POLICY_VS_DDP.
+POLICIES = ["bf16_autocast", "bf16_mixed", "fp16_autocast", "fp16_mixed"]
 # One colour per implementation in every panel.
 COLOUR = {"ddp": "#9400d3", "master": "#009e73", "replicated": "#56b4e9", "sharded": "#e69f00"}
 # The goals of issue 8.
@@ -40,6 +50,14 @@ GOAL_REPLICATED_EFFICIENCY = 0.97
 GOAL_MASTER_EFFICIENCY = 0.90
 GOAL_SHARDED_SLACK = 0.05
 GOAL_GPUS = 4
+# The goal of issue 20: every reduced-precision policy, Replicated, against its DDP partner.
+GOAL_POLICY_VS_DDP = 1.10
+GOAL_POLICY_STRATEGY = "replicated"
+
+
+def ddp_partner(precision):
+    """The precision of the DDP row that a torch-mpu row of `precision` is compared with."""
+    return DDP_PARTNER.get(precision, precision)
 
 
 def merge_rounds(src):
@@ -118,7 +136,8 @@ class Results:
                     self.ok[key] = row
                 else:
                     self.failed.append(row)
-        self.precisions = [p for p in PRECISIONS if any(k[1] == p for k in self.ok)]
+        seen = {k[1] for k in self.ok}
+        self.precisions = [p for p in PRECISIONS if p in seen] + sorted(seen - set(PRECISIONS))
         self.gpus = sorted({k[2] for k in self.ok})
         self.strategies = [s for s in STRATEGIES if any(k[0] == s for k in self.ok)]
 
@@ -132,13 +151,19 @@ class Results:
         return this / (n * one) if one and this else None
 
     def vs_ddp(self, strategy, precision, n):
-        ddp = self.ips("ddp", precision, n)
+        ddp = self.ips("ddp", ddp_partner(precision), n)
         this = self.ips(strategy, precision, n)
         return this / ddp if ddp and this else None
 
     def state(self, strategy, precision, n):
         row = self.ok.get((strategy, precision, n))
         return max(row["optimizer_state_bytes"]) if row else None
+
+    def peak(self, strategy, precision, n):
+        """Peak allocated bytes of the fullest rank, or None (not measured, or on CPUs)."""
+        row = self.ok.get((strategy, precision, n))
+        peaks = [b for b in (row or {}).get("peak_allocated_bytes") or [] if b is not None and b >= 0]
+        return max(peaks) if peaks else None
 
 
 def fmt(value, spec, suffix=""):
@@ -198,21 +223,63 @@ def memory_table(r):
     return lines if rows else []
 
 
+def policy_table(r):
+    """Each torch-mpu precision beside its DDP partner: images/s, the speed-up, and the peak
+    memory of the fullest rank of both."""
+    lines = ["| precision | torch-mpu strategy | GPUs | images/s | DDP precision | DDP images/s | × DDP "
+             f"| goal ≥ {GOAL_POLICY_VS_DDP:.2f}× | peak, torch-mpu (GiB per rank) | peak, DDP (GiB per rank) "
+             "| peak / DDP's |",
+             "|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+    rows = 0
+    for p in r.precisions:
+        partner = ddp_partner(p)
+        for s in r.strategies:
+            if s == "ddp":
+                continue
+            for n in r.gpus:
+                ips = r.ips(s, p, n)
+                if ips is None:
+                    continue
+                ddp_ips = r.ips("ddp", partner, n)
+                ratio = r.vs_ddp(s, p, n)
+                goal = "–" if p not in POLICIES else met(None if ratio is None else ratio >= GOAL_POLICY_VS_DDP)
+                mine = r.peak(s, p, n)
+                theirs = r.peak("ddp", partner, n)
+                lines.append(f"| {p} | {s} | {n} | {ips:.1f} | {partner} | {fmt(ddp_ips, '.1f')} "
+                             f"| {fmt(ratio, '.3f', '×')} | {goal} | {fmt(gib(mine), '.2f')} "
+                             f"| {fmt(gib(theirs), '.2f')} | {fmt(mine / theirs if mine and theirs else None, '.3f')} |")
+                rows += 1
+    return lines if rows else []
+
+
+def policy_goals(r):
+    out = []
+    measured = [p for p in POLICIES if p in r.precisions] or POLICIES
+    for p in measured:
+        for n in r.gpus or [1, 2, 4]:
+            ratio = r.vs_ddp(GOAL_POLICY_STRATEGY, p, n)
+            out.append(f"- {GOAL_POLICY_STRATEGY.capitalize()} {p} ≥ {GOAL_POLICY_VS_DDP:.2f}× DDP "
+                       f"{ddp_partner(p)}, {n} GPU(s): {fmt(ratio, '.3f', '×')}: "
+                       f"{met(None if ratio is None else ratio >= GOAL_POLICY_VS_DDP)}")
+    return out
+
+
 def goals(r):
     out = []
-    for p in ("fp32", "bf16"):
+    for p in [q for q in ("fp32", "bf16") if q == "fp32" or q in r.precisions]:
         for n in r.gpus or [1, 2, 4]:
             if n not in (1, 2, 4):
                 continue
             ratio = r.vs_ddp("replicated", p, n)
             out.append(f"- Replicated ≥ {GOAL_VS_DDP:.2f}× DDP, {p}, {n} GPU(s): "
                        f"{fmt(ratio, '.3f', '×')}: {met(None if ratio is None else ratio >= GOAL_VS_DDP)}")
+    issue8 = [q for q in ("fp32", "bf16") if q == "fp32" or q in r.precisions]
     for s, goal in (("replicated", GOAL_REPLICATED_EFFICIENCY), ("master", GOAL_MASTER_EFFICIENCY)):
-        for p in ("fp32", "bf16"):
+        for p in issue8:
             eff = r.efficiency(s, p, GOAL_GPUS)
             out.append(f"- {s.capitalize()} scaling efficiency ≥ {100 * goal:.0f} % at {GOAL_GPUS} GPUs, {p}: "
                        f"{fmt(eff and 100 * eff, '.1f', ' %')}: {met(None if eff is None else eff >= goal)}")
-    for p in ("fp32", "bf16"):
+    for p in issue8:
         rep = r.state("replicated", p, GOAL_GPUS)
         sh = r.state("sharded", p, GOAL_GPUS)
         ratio = sh / rep if rep and sh is not None else None
@@ -234,30 +301,40 @@ def plot(r, png):
         return False
     with tempfile.TemporaryDirectory() as tmp:
         panels = []
+        # A DDP-only precision (bf16_autocast with no torch-mpu row of it) still gets its panel;
+        # a torch-mpu precision's panel draws its DDP partner.
         for p in r.precisions:
+            partner = ddp_partner(p)
             lines = []
             for s in r.strategies:
-                if not any(r.ips(s, p, n) is not None for n in r.gpus):
+                q = partner if s == "ddp" else p
+                if not any(r.ips(s, q, n) is not None for n in r.gpus):
                     continue
                 dat = os.path.join(tmp, f"{p}_{s}.dat")
                 with open(dat, "w") as f:
                     for n in r.gpus:
-                        ips = r.ips(s, p, n)
+                        ips = r.ips(s, q, n)
                         if ips is not None:
                             f.write(f"{n} {ips}\n")
                 style = "linespoints lw 2 dt 2 pt 6" if s == "ddp" else "linespoints lw 2 pt 7"
                 style += f" lc rgb '{COLOUR[s]}'"
-                lines.append(f"'{dat}' using 1:2 with {style} title '{LABEL[s]}'")
-            one = r.ips("ddp", p, 1)
+                title = LABEL[s] + (f" ({q})" if q != p else "")
+                lines.append(f"'{dat}' using 1:2 with {style} title '{title}'")
+            mpu_lines = any(r.ips(s, p, n) is not None for s in r.strategies if s != "ddp" for n in r.gpus)
+            shown_elsewhere = any(o != p and ddp_partner(o) == p for o in r.precisions)
+            if not lines or (not mpu_lines and shown_elsewhere):
+                continue
+            one = r.ips("ddp", partner, 1)
             if one:
                 lines.append(f"{one} * x with lines lc rgb 'dark-gray' lw 1.5 dt 3 title 'DDP at 1 GPU x n (linear scaling)'")
             panels.append(f"set title '{arch_label(r)} training, {p}, batch {batch(r)} per GPU'\n"
                           f"plot {', '.join(lines)}\n")
-        width = 560 * max(1, len(panels))
+        columns = min(3, max(1, len(panels)))
+        rows = max(1, -(-len(panels) // columns))
         # Headroom above the highest point, so that the key (top left) does not cover the lines.
         top = 1.4 * max(row["images_per_s"] for row in r.ok.values())
         script = f"""
-set terminal pngcairo noenhanced size {width},460
+set terminal pngcairo noenhanced size {560 * columns},{460 * rows}
 set output '{png}'
 set xlabel 'GPUs'
 set ylabel 'images/s'
@@ -266,7 +343,7 @@ set xrange [{min(r.gpus) - 0.3}:{max(r.gpus) + 0.3}]
 set yrange [0:{top:.0f}]
 set key left top Left reverse
 set grid
-set multiplot layout 1,{max(1, len(panels))}
+set multiplot layout {rows},{columns}
 {''.join(panels)}
 unset multiplot
 """
@@ -301,6 +378,25 @@ def rounds_text(mpu, ddp):
             f"(the mean of the middle two for an even count), the lowest and highest in brackets")
 
 
+def precision_text(r):
+    """What the precisions of the table mean, for those present; ends in a space when not empty."""
+    text = {
+        "bf16": "bf16 and fp16: the whole model in that dtype (parameters, gradients, step)",
+        "bf16_autocast": "*_autocast: fp32 parameters, forward and loss under autocast to that dtype "
+                         "(fp16 with dynamic loss scaling; `torch.amp.GradScaler` at its defaults for DDP)",
+        "bf16_mixed": "*_mixed (torch-mpu only): parameters in that dtype for compute, gradients in it, "
+                      "and an fp32 master copy in the flat buffer that the optimizer steps, compared with "
+                      "DDP's autocast in the same dtype",
+    }
+    family = {"fp16": "bf16", "fp16_autocast": "bf16_autocast", "fp16_mixed": "bf16_mixed"}
+    parts = []
+    for p in r.precisions:
+        key = family.get(p, p)
+        if key in text and text[key] not in parts:
+            parts.append(text[key])
+    return ("Precisions: " + "; ".join(parts) + ". ") if parts else ""
+
+
 def section(r, mpu, ddp, env, plotted):
     doc = mpu or ddp or {}
     names = env.get("gpus") or []
@@ -325,8 +421,8 @@ def section(r, mpu, ddp, env, plotted):
         f"{arch_label(r)} ({parameters(r)} parameters, torchvision's architecture: `examples/resnet/models.cpp` "
         f"for torch-mpu, `torchvision.models` for DDP). Synthetic ImageNet-shaped data ({doc.get('image_size', '?')}×{doc.get('image_size', '?')}, "
         f"{doc.get('classes', '?')} classes), one batch of {doc.get('batch_size', '?')} per GPU made once on the "
-        f"device in the training dtype; SGD lr {opt.get('lr', '?')}, momentum {opt.get('momentum', '?')}, "
-        f"weight decay {opt.get('weight_decay', '?')}; bf16 means bf16 parameters. {doc.get('warmup', '?')} "
+        f"device in the parameter dtype; SGD lr {opt.get('lr', '?')}, momentum {opt.get('momentum', '?')}, "
+        f"weight decay {opt.get('weight_decay', '?')}. {precision_text(r)}{doc.get('warmup', '?')} "
         f"warm-up and {doc.get('iters', '?')} timed iterations, between device synchronisations; the slowest "
         f"rank's time; images/s = GPUs × batch × iterations / time"
         f"{rounds_text(mpu, ddp)}. Peak memory is the CUDA caching "
@@ -355,7 +451,13 @@ def section(r, mpu, ddp, env, plotted):
     else:
         lines += ["(The plot was not drawn: no gnuplot where this report was made. "
                   "`bench/resnet_report.py --from DIR` draws it from the same JSON.)", ""]
+    policies = policy_table(r)
+    if policies:
+        lines += ["Precision policies against DDP (each torch-mpu row beside the DDP row it is compared "
+                  "with; peak memory is the fullest rank's):", ""] + policies + [""]
     lines += ["Goals of issue 8:", ""] + goals(r) + [""]
+    if any(p in r.precisions for p in POLICIES):
+        lines += ["Goals of issue 20:", ""] + policy_goals(r) + [""]
     if r.failed:
         lines += ["Rows that failed:", ""]
         for row in r.failed:
@@ -434,8 +536,14 @@ def main():
     replace_section(a.doc, text)
     print(f"resnet_report.py: wrote the ResNet-50 section of {a.doc}"
           + (f" and {os.path.join(a.img, PLOT)}" if plotted else ""))
+    policies = policy_table(r)
+    if policies:
+        print("\n".join(policies))
     for line in goals(r):
         print(line)
+    if any(q in r.precisions for q in POLICIES):
+        for line in policy_goals(r):
+            print(line)
 
 
 if __name__ == "__main__":

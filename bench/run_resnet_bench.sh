@@ -9,19 +9,40 @@
 # GPU counts default to 1 2 4, capped at the GPUs present (nvidia-smi -L).
 #
 # Environment: BUILD (build directory, default build-gpu; bench_resnet50 must be built there),
-# PRECISIONS (fp32,bf16), STRATEGIES (master,replicated,sharded), BATCH (64), WARMUP (10),
-# ITERS (30), WIRE_DTYPE (fp32; "param" sends gradients in the parameter dtype, as DDP does),
-# BENCH_ARGS and DDP_ARGS (more options of bench_resnet50 and ddp_reference.py), SKIP_DDP=1 /
-# SKIP_MPU=1 to run one side only, ROUNDS (1): with ROUNDS=k > 1 the two sides are interleaved,
-# k times over (for each GPU count: torch-mpu's rows, then DDP's), each invocation's JSON kept
-# in OUT_DIR/parts, and every row of the report is the median of its k rounds, so that drift
-# of the machine over the run hits both sides alike.
+# PRECISIONS (torch-mpu's precision policies; default
+# fp32,bf16_autocast,bf16_mixed,fp16_autocast,fp16_mixed; the older bf16 and fp16, the whole
+# model in that dtype, also pass), DDP_PRECISIONS (default: PRECISIONS with bf16_mixed ->
+# bf16_autocast and fp16_mixed -> fp16_autocast, each once: the DDP rows the torch-mpu rows are
+# compared with), STRATEGIES (master,replicated,sharded), BATCH (64), WARMUP (10), ITERS (30),
+# WIRE_DTYPE (fp32; "param" sends gradients in the parameter dtype, as DDP does), BENCH_ARGS and
+# DDP_ARGS (more options of bench_resnet50 and ddp_reference.py), SKIP_DDP=1 / SKIP_MPU=1 to run
+# one side only, ROUNDS (1): with ROUNDS=k > 1 the two sides are interleaved, k times over (for
+# each GPU count: torch-mpu's rows, then DDP's), each invocation's JSON kept in OUT_DIR/parts,
+# and every row of the report is the median of its k rounds, so that drift of the machine over
+# the run hits both sides alike.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 out=${1:-bench-out/resnet50}
 shift || true
 build=${BUILD:-build-gpu}
-precisions=${PRECISIONS:-fp32,bf16}
+precisions=${PRECISIONS:-fp32,bf16_autocast,bf16_mixed,fp16_autocast,fp16_mixed}
+# DDP has no fp32 master copy of reduced-precision parameters: its side of a *_mixed policy is
+# autocast in the same dtype (bench/resnet_report.py pairs them the same way).
+if [ -n "${DDP_PRECISIONS:-}" ]; then
+  ddp_precisions=$DDP_PRECISIONS
+else
+  ddp_precisions=
+  for p in ${precisions//,/ }; do
+    case $p in
+      bf16_mixed) p=bf16_autocast ;;
+      fp16_mixed) p=fp16_autocast ;;
+    esac
+    case ",$ddp_precisions," in
+      *",$p,"*) ;;
+      *) ddp_precisions=${ddp_precisions:+$ddp_precisions,}$p ;;
+    esac
+  done
+fi
 strategies=${STRATEGIES:-master,replicated,sharded}
 batch=${BATCH:-64}
 warmup=${WARMUP:-10}
@@ -45,7 +66,7 @@ if [ ${#counts[@]} -eq 0 ]; then
   exit 1
 fi
 gpus=$(IFS=,; echo "${counts[*]}")
-echo "run_resnet_bench.sh: GPU counts $gpus; precisions $precisions; strategies $strategies; batch $batch; $warmup + $iters iterations -> $out"
+echo "run_resnet_bench.sh: GPU counts $gpus; precisions $precisions (DDP: $ddp_precisions); strategies $strategies; batch $batch; $warmup + $iters iterations -> $out"
 
 # The machine, the date and the versions, for the report.
 python3 - "$out/env.json" <<'EOF'
@@ -97,7 +118,7 @@ if [ "$rounds" -gt 1 ]; then
           --json "$out/parts/mpu_r${r}_n${n}.json" 2>&1 | tee -a "$out/mpu.log" || status=1
       fi
       if [ "${SKIP_DDP:-0}" != 1 ]; then
-        python3 bench/ddp_reference.py --gpus "$n" --precision "$precisions" --batch-size "$batch" \
+        python3 bench/ddp_reference.py --gpus "$n" --precision "$ddp_precisions" --batch-size "$batch" \
           --warmup "$warmup" --iters "$iters" "${ddp_extra[@]}" \
           --json "$out/parts/ddp_r${r}_n${n}.json" 2>&1 | tee -a "$out/ddp.log" || status=1
       fi
@@ -113,7 +134,7 @@ if [ "${SKIP_MPU:-0}" != 1 ]; then
     2>&1 | tee "$out/mpu.log" || status=1
 fi
 if [ "${SKIP_DDP:-0}" != 1 ]; then
-  python3 bench/ddp_reference.py --gpus "$gpus" --precision "$precisions" --batch-size "$batch" \
+  python3 bench/ddp_reference.py --gpus "$gpus" --precision "$ddp_precisions" --batch-size "$batch" \
     --warmup "$warmup" --iters "$iters" "${ddp_extra[@]}" --json "$out/ddp.json" 2>&1 | tee "$out/ddp.log" || status=1
 fi
 python3 bench/resnet_report.py --from "$out" || status=1

@@ -275,7 +275,12 @@ void run_equality(torch::Device device, const std::vector<torch::Dtype>& dtypes)
                                  (split_at < 0 ? " (groups interleaved)" : " (groups in blocks)");
         INFO(what);
         Twin t(c.make, dtype, device, split_at);
-        FlatOptimizer fo(*t.flat_opt, t.flat_data(), t.flat_grad());
+        // The torch-operation path, which is bit-identical (the fused kernel is compared in
+        // ulps by the "fused" tests).
+        mpu::FlatOptimizerOptions options;
+        options.fused = false;
+        FlatOptimizer fo(*t.flat_opt, t.flat_data(), t.flat_grad(), 0, -1, options);
+        REQUIRE_FALSE(fo.fused());
         REQUIRE(fo.num_runs() == (split_at < 0 ? t.flat.size() : 2u));
         const Tolerance tol = tolerance_for(dtype, device);
         for (int step = 0; step < 10; ++step) {
@@ -678,6 +683,332 @@ TEST_CASE("flat_optimizer: a parameter or gradient that is not a view is named",
   optim::SGD overlap(std::vector<torch::Tensor>{x, y}, optim::SGDOptions(0.1));
   msg = message_of([&] { FlatOptimizer(overlap, flat, grad); });
   REQUIRE(contains(msg, "overlaps"));
+}
+
+// --- Master weights, grad_scale and the fused CUDA step ------------------------------------------
+
+// The distance of two fp32 tensors in units in the last place: the largest difference of their
+// bit patterns mapped to a monotonic integer line (-0 and +0 coincide).
+std::int64_t max_ulps(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto ordered = [](const torch::Tensor& x) {
+    const torch::Tensor bits = x.detach()
+                                   .to(torch::kCPU)
+                                   .to(torch::kFloat)
+                                   .contiguous()
+                                   .view(torch::kInt)
+                                   .to(torch::kLong);
+    return torch::where(bits < 0, -std::int64_t{2147483648} - bits, bits);
+  };
+  if (a.numel() == 0) return 0;
+  return (ordered(a) - ordered(b)).abs().max().item<std::int64_t>();
+}
+
+// A bf16 or fp16 model in a zero-copy FlatBuffer, its fp32 master copy, and a plain fp32
+// reference model with the same values, each with an optimizer made by `make`.
+struct MasterTwin {
+  std::shared_ptr<Net> net;
+  std::unique_ptr<FlatBuffer> buffer;
+  torch::Tensor master;
+  std::vector<torch::Tensor> model;  // the FlatBuffer's parameters (views of model_param)
+  std::vector<torch::Tensor> ref;    // fp32 copies, stepped by the plain optimizer
+  std::unique_ptr<optim::Optimizer> opt;
+  std::unique_ptr<optim::Optimizer> ref_opt;
+
+  MasterTwin(const Factory& make, torch::Dtype dtype, torch::Device device) {
+    torch::NoGradGuard no_grad;
+    net = make_net(dtype, device);
+    FlatBufferOptions fo;
+    fo.dtype = dtype;
+    fo.zero_copy = ZeroCopy::kOn;
+    buffer = std::make_unique<FlatBuffer>(*net, fo);
+    model = net->parameters();
+    master = buffer->flat_data().to(torch::kFloat);
+    for (const auto& p : model) ref.push_back(p.detach().to(torch::kFloat).clone());
+    auto [a0, a1] = split(ref, 3);
+    auto [b0, b1] = split(model, 3);
+    ref_opt = make(a0, a1);
+    opt = make(b0, b1);
+  }
+  // Step t's gradients: grad_of in the model dtype, written into flat_grad times `prescale`
+  // (a power of two, so exactly); the reference gets the same model-dtype values in fp32.
+  void set_grads(int t, double prescale) {
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < model.size(); ++i) {
+      const torch::Tensor g = grad_of(model[i], static_cast<int>(i), t);
+      const_cast<torch::Tensor&>(model[i]).mutable_grad().copy_(g * prescale);
+      ref[i].mutable_grad() = g.to(torch::kFloat);
+    }
+  }
+  // The master's view of parameter i.
+  torch::Tensor master_of(std::size_t i) const {
+    const auto& e = buffer->entries()[i];
+    return master.narrow(0, e.offset, model[i].numel()).view(model[i].sizes());
+  }
+};
+
+// The largest ulp distance between the master (and the flat optimizer's state) and the
+// reference's parameters (and state); the model parameters must be the master rounded.
+std::int64_t compare_master(const MasterTwin& t, const std::string& what) {
+  INFO(what);
+  std::int64_t worst = 0;
+  REQUIRE(same_bits(t.buffer->flat_data(), t.master.to(t.buffer->flat_data().scalar_type())));
+  for (std::size_t i = 0; i < t.model.size(); ++i) {
+    INFO("parameter " << i);
+    worst = std::max(worst, max_ulps(t.master_of(i), t.ref[i]));
+    const auto ia = t.ref_opt->state().find(mpu::detail::optimizer_state_key(t.ref[i]));
+    const auto ib = t.opt->state().find(mpu::detail::optimizer_state_key(t.model[i]));
+    REQUIRE((ia != t.ref_opt->state().end()) == (ib != t.opt->state().end()));
+    if (ia == t.ref_opt->state().end()) continue;
+    const auto [ta, sa] = unpack(*ia->second);
+    const auto [tb, sb] = unpack(*ib->second);
+    REQUIRE(sa == sb);
+    for (std::size_t k = 0; k < ta.size(); ++k) {
+      INFO("state tensor " << k);
+      REQUIRE(ta[k].defined() == tb[k].defined());
+      if (!ta[k].defined()) continue;
+      REQUIRE(tb[k].scalar_type() == torch::kFloat);
+      REQUIRE(ta[k].sizes() == tb[k].sizes());
+      worst = std::max(worst, max_ulps(tb[k], ta[k]));
+    }
+  }
+  return worst;
+}
+
+TEST_CASE("flat_optimizer: master weights on CPU equal the plain fp32 step on bf16 gradients",
+          "[flat_optimizer][master]") {
+  const torch::Device cpu(torch::kCPU);
+  for (const auto& c : all_cases()) {
+    for (const double prescale : {1.0, 1024.0}) {
+      const std::string what =
+          c.name + (prescale == 1.0 ? "" : ", gradients x1024 and grad_scale 1/1024");
+      INFO(what);
+      MasterTwin t(c.make, torch::kBFloat16, cpu);
+      mpu::FlatOptimizerOptions options;
+      options.model_param = t.buffer->flat_data();
+      FlatOptimizer fo(*t.opt, t.master, t.buffer->flat_grad(), 0, -1, options);
+      REQUIRE(fo.has_master());
+      REQUIRE_FALSE(fo.fused());
+      const torch::Tensor grad_before = t.buffer->flat_grad().clone();
+      for (int step = 0; step < 6; ++step) {
+        t.set_grads(step, prescale);
+        const torch::Tensor g = t.buffer->flat_grad().clone();
+        t.ref_opt->step();
+        fo.step(1.0 / prescale);
+        REQUIRE(same_bits(t.buffer->flat_grad(), g));  // the unscale does not write flat_grad
+        REQUIRE(compare_master(t, what + ", step " + std::to_string(step + 1)) == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("flat_optimizer: grad_scale on the torch-operation path equals pre-unscaled gradients",
+          "[flat_optimizer]") {
+  // fp32 without master: gradients x1024 and grad_scale 1/1024 give the bits of the plain step.
+  const torch::Device cpu(torch::kCPU);
+  for (const auto& c : all_cases()) {
+    INFO(c.name);
+    Twin t(c.make, torch::kFloat, cpu, 3);
+    FlatOptimizer fo(*t.flat_opt, t.flat_data(), t.flat_grad());
+    for (int step = 0; step < 4; ++step) {
+      set_grads(t.plain, step, false);
+      set_grads(t.flat, step, true);
+      t.flat_grad().mul_(1024.0);
+      t.plain_opt->step();
+      fo.step(1.0 / 1024);
+      require_same(t.plain, *t.plain_opt, t.flat, *t.flat_opt, Tolerance{true, 0},
+                   "grad_scale 1/1024, step " + std::to_string(step + 1));
+    }
+  }
+}
+
+TEST_CASE("flat_optimizer: master-weights mode checks its tensors", "[flat_optimizer][master]") {
+  torch::NoGradGuard no_grad;
+  auto net = make_net(torch::kBFloat16, torch::kCPU);
+  FlatBufferOptions fo;
+  fo.dtype = torch::kBFloat16;
+  fo.zero_copy = ZeroCopy::kOn;
+  FlatBuffer buffer(*net, fo);
+  optim::SGD sgd(net->parameters(), optim::SGDOptions(0.1));
+  mpu::FlatOptimizerOptions options;
+  options.model_param = buffer.flat_data();
+  // A bf16 master is refused.
+  std::string msg = message_of(
+      [&] { FlatOptimizer(sgd, buffer.flat_data().clone(), buffer.flat_grad(), 0, -1, options); });
+  INFO(msg);
+  REQUIRE(contains(msg, "must be Float"));
+  // A model_param of the wrong size.
+  options.model_param = buffer.flat_data().narrow(0, 0, 10);
+  msg = message_of([&] {
+    FlatOptimizer(sgd, buffer.flat_data().to(torch::kFloat), buffer.flat_grad(), 0, -1, options);
+  });
+  REQUIRE(contains(msg, "model_param"));
+  // Parameters that are views of the master, not of model_param.
+  options.model_param = torch::zeros({buffer.numel()}, torch::kBFloat16);
+  msg = message_of([&] {
+    FlatOptimizer(sgd, buffer.flat_data().to(torch::kFloat), buffer.flat_grad(), 0, -1, options);
+  });
+  REQUIRE(contains(msg, "not a view into model_param"));
+}
+
+// --- CUDA: the fused kernel ----------------------------------------------------------------------
+
+bool skip_without_cuda() {
+  if (!MPU_HAS_CUDA) {
+    WARN("skipped: torch-mpu was built without CUDA");
+    return true;
+  }
+  if (!torch::cuda::is_available()) {
+    WARN("skipped: no CUDA device");
+    return true;
+  }
+  return false;
+}
+
+TEST_CASE("flat_optimizer: fused CUDA step, fp32, every optimizer within the ulp bound",
+          "[flat_optimizer][cuda][fused]") {
+  if (skip_without_cuda()) return;
+  const torch::Device cuda(torch::kCUDA, 0);
+  std::int64_t worst_all = 0;
+  for (const int split_at : {3, -1}) {
+    for (const auto& c : all_cases()) {
+      const std::string what = c.name + (split_at < 0 ? " (groups interleaved)" : "");
+      INFO(what);
+      Twin t(c.make, torch::kFloat, cuda, split_at);
+      FlatOptimizer fo(*t.flat_opt, t.flat_data(), t.flat_grad());
+      REQUIRE(fo.fused());
+      std::int64_t worst = 0;
+      for (int step = 0; step < 5; ++step) {
+        set_grads(t.plain, step, false);
+        set_grads(t.flat, step, true);
+        t.plain_opt->step();
+        fo.step();
+      }
+      for (std::size_t i = 0; i < t.plain.size(); ++i) {
+        INFO("parameter " << i);
+        worst = std::max(worst, max_ulps(t.flat[i], t.plain[i]));
+        const auto ia = t.plain_opt->state().find(mpu::detail::optimizer_state_key(t.plain[i]));
+        const auto ib = t.flat_opt->state().find(mpu::detail::optimizer_state_key(t.flat[i]));
+        REQUIRE((ia != t.plain_opt->state().end()) == (ib != t.flat_opt->state().end()));
+        if (ia == t.plain_opt->state().end()) continue;
+        const auto [ta, sa] = unpack(*ia->second);
+        const auto [tb, sb] = unpack(*ib->second);
+        REQUIRE(sa == sb);
+        for (std::size_t k = 0; k < ta.size(); ++k) {
+          REQUIRE(ta[k].defined() == tb[k].defined());
+          if (ta[k].defined()) worst = std::max(worst, max_ulps(tb[k], ta[k]));
+        }
+      }
+      INFO("max difference after 5 steps: " << worst << " ulps");
+      CHECK(worst <= mpu::kFusedStepUlpBound);
+      worst_all = std::max(worst_all, worst);
+    }
+  }
+  WARN("fused fp32 step vs torch::optim after 5 steps: at most " << worst_all << " ulps (bound "
+                                                                 << mpu::kFusedStepUlpBound << ")");
+}
+
+TEST_CASE("flat_optimizer: fused CUDA step, bf16 and fp16 master weights",
+          "[flat_optimizer][cuda][fused][master]") {
+  if (skip_without_cuda()) return;
+  const torch::Device cuda(torch::kCUDA, 0);
+  std::int64_t worst_all = 0;
+  for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
+    for (const auto& c : all_cases()) {
+      std::vector<torch::Tensor> unscaled_master;
+      for (const double prescale : {1.0, 1024.0}) {
+        const std::string what = c.name + " " + dtype_name(dtype) +
+                                 (prescale == 1.0 ? "" : ", gradients x1024, grad_scale 1/1024");
+        INFO(what);
+        MasterTwin t(c.make, dtype, cuda);
+        mpu::FlatOptimizerOptions options;
+        options.model_param = t.buffer->flat_data();
+        FlatOptimizer fo(*t.opt, t.master, t.buffer->flat_grad(), 0, -1, options);
+        REQUIRE(fo.fused());
+        std::int64_t worst = 0;
+        for (int step = 0; step < 5; ++step) {
+          t.set_grads(step, prescale);
+          t.ref_opt->step();
+          fo.step(1.0 / prescale);
+          worst = std::max(worst, compare_master(t, what + ", step " + std::to_string(step + 1)));
+        }
+        INFO("max difference: " << worst << " ulps");
+        CHECK(worst <= mpu::kFusedStepUlpBound);
+        worst_all = std::max(worst_all, worst);
+        // Scaling by a power of two is exact: the same bits as unscaled gradients.
+        if (prescale == 1.0) {
+          unscaled_master.push_back(t.master.cpu());
+        } else {
+          REQUIRE(same_bits(t.master.cpu(), unscaled_master.back()));
+        }
+      }
+    }
+  }
+  WARN("fused master-weights step vs torch::optim on fp32 after 5 steps: at most " << worst_all
+                                                                                   << " ulps");
+}
+
+TEST_CASE("flat_optimizer: fused CUDA step keeps the optimizer's state a loadable checkpoint",
+          "[flat_optimizer][cuda][fused]") {
+  if (skip_without_cuda()) return;
+  const torch::Device cuda(torch::kCUDA, 0);
+  for (const auto& c : all_cases()) {
+    INFO(c.name);
+    Twin t(c.make, torch::kFloat, cuda, 3);
+    FlatOptimizer fo(*t.flat_opt, t.flat_data(), t.flat_grad());
+    REQUIRE(fo.fused());
+    for (int step = 0; step < 3; ++step) {
+      set_grads(t.flat, step, true);
+      fo.step();
+    }
+    // The optimizer's state tensors are views of the flat fp32 state, with the step counts.
+    const auto shards = fo.state_shards();
+    for (std::size_t i = 0; i < t.flat.size(); ++i) {
+      const auto it = t.flat_opt->state().find(mpu::detail::optimizer_state_key(t.flat[i]));
+      const bool sgd = c.name.rfind("SGD", 0) == 0;
+      if (sgd && shards.empty()) {
+        REQUIRE(it == t.flat_opt->state().end());
+        continue;
+      }
+      REQUIRE(it != t.flat_opt->state().end());
+      const auto [tensors, step] = unpack(*it->second);
+      if (!sgd) REQUIRE(step == 3);
+      const auto offset = t.buffer->entries()[i].offset;
+      bool one_view = false;
+      for (const auto& x : tensors) {
+        if (!x.defined()) continue;
+        for (const auto& s : shards) {
+          one_view =
+              one_view || x.data_ptr() == static_cast<char*>(s.data_ptr()) +
+                                              offset * static_cast<std::int64_t>(s.element_size());
+        }
+      }
+      REQUIRE(one_view);
+    }
+    // torch::save and load round-trip it into another optimizer (plain until a FlatOptimizer
+    // is built on it).
+    const std::string path = temp_path("fused.pt");
+    save(*t.flat_opt, path);
+    auto resumed_net = make_net(torch::kFloat, cuda);
+    FlatBufferOptions bo;
+    bo.zero_copy = ZeroCopy::kOn;
+    FlatBuffer rb(*resumed_net, bo);
+    auto resumed = resumed_net->parameters();
+    copy_params(t.flat, resumed);
+    auto [r0, r1] = split(resumed, 3);
+    auto resumed_opt = c.make(r0, r1);
+    load(*resumed_opt, path);
+    std::remove(path.c_str());
+    require_same(t.flat, *t.flat_opt, resumed, *resumed_opt, Tolerance{true, 0},
+                 "checkpoint of fused steps, loaded");
+    // And a FlatOptimizer built on the loaded optimizer continues as the first one does.
+    FlatOptimizer fr(*resumed_opt, rb.flat_data(), rb.flat_grad());
+    set_grads(t.flat, 3, true);
+    set_grads(resumed, 3, true);
+    fo.step();
+    fr.step();
+    require_same(t.flat, *t.flat_opt, resumed, *resumed_opt, Tolerance{true, 0},
+                 "a fused step after the round-trip");
+  }
 }
 
 }  // namespace

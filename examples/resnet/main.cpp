@@ -67,7 +67,7 @@ struct Config {
   std::string precision = "fp32";
   std::string strategy = "master";
   double bucket_mb = -1.0;  // < 0: the library's default
-  std::string wire_dtype = "fp32";
+  std::string wire_dtype = "auto";
   bool no_flat_step = false;
   int accumulate = 1;
   std::string data;  // "": datasets::fashion_mnist_dir()
@@ -93,10 +93,26 @@ struct Defaults {
 constexpr Defaults kGpuDefaults{"resnet18", 30, 128, 1.0};
 constexpr Defaults kCpuDefaults{"resnet20", 3, 64, 0.25};
 
+// The dtype the model's parameters are built in: "bf16" and "fp16" store the whole model in
+// that dtype; fp32 and the policies (bf16_autocast, fp16_mixed, ...) build it in fp32 and let
+// the updater's precision policy do the rest.
 torch::Dtype parse_precision(const std::string& p) {
   if (p == "bf16") return torch::kBFloat16;
   if (p == "fp16") return torch::kHalf;
   return torch::kFloat;
+}
+
+bool is_policy(const std::string& p) {
+  return p != "bf16" && p != "fp16";
+}
+
+// --wire-dtype auto: the mixed policies send their low-precision gradients as they are,
+// everything else fp32.
+torch::Dtype wire_dtype_of(const std::string& wire, const std::string& precision) {
+  if (wire != "auto") return parse_precision(wire);
+  if (!is_policy(precision)) return torch::kFloat;
+  const mpu::Precision policy = mpu::parse_precision(precision);
+  return mpu::has_master_weights(policy) ? mpu::compute_dtype(policy) : torch::kFloat;
 }
 
 // LibTorch's CPU allocator takes every tensor from malloc. glibc serves large blocks (a batch's
@@ -237,10 +253,11 @@ int run(Config c) {
     c.weight_decay = c.optimizer == "sgd" ? 5e-4 : c.optimizer == "adamw" ? 5e-2 : 0.0;
   }
   const torch::Dtype dtype = parse_precision(c.precision);
-  if (dtype == torch::kHalf && !on_gpu) {
-    throw UsageError(
-        "--precision fp16 is for GPUs: LibTorch's CPU kernels lack fp16 convolution and batch "
-        "norm; use bf16");
+  const bool fp16 = dtype == torch::kHalf || c.precision.rfind("fp16", 0) == 0;
+  if (fp16 && !on_gpu) {
+    throw UsageError("--precision " + c.precision +
+                     " is for GPUs: LibTorch's CPU kernels lack fp16 convolution and batch "
+                     "norm; use bf16_mixed or bf16_autocast");
   }
   std::string data_dir;
   if (!c.synthetic) data_dir = check_data_dir(c.data);
@@ -323,7 +340,8 @@ int run(Config c) {
   mpu::UpdaterOptions uo;
   uo.strategy = strategy;
   if (c.bucket_mb >= 0) uo.bucket_bytes = static_cast<std::size_t>(c.bucket_mb * 1024.0 * 1024.0);
-  uo.wire_dtype = parse_precision(c.wire_dtype);
+  uo.wire_dtype = wire_dtype_of(c.wire_dtype, c.precision);
+  if (is_policy(c.precision)) uo.precision = mpu::parse_precision(c.precision);
   uo.flat_step = !c.no_flat_step;
   uo.accumulation_steps = c.accumulate;
   auto iterators = mpu::split_iterators(train, n, mpu::IteratorOptions(c.batch_size).seed(c.seed));
@@ -510,10 +528,13 @@ int main(int argc, char** argv) {
                      "; none with --synthetic")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--precision", c.precision,
-                 "Parameter dtype: fp32, bf16 or fp16; gradients travel in --wire-dtype (the "
-                 "packing layer converts). There is no fp32 master copy or loss scaling yet: bf16 "
-                 "trains somewhat less accurately, fp16 (GPUs only) is fragile and may diverge")
-      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
+                 "Precision policy: fp32; bf16_autocast or fp16_autocast (fp32 parameters, the "
+                 "forward under autocast; fp16 with dynamic loss scaling); bf16_mixed or "
+                 "fp16_mixed (parameters in bf16/fp16, fp32 master weights in the flat step; "
+                 "fp16 with loss scaling). bf16 and fp16: the whole model in that dtype, no "
+                 "master copy (less accurate). fp16 policies are for GPUs")
+      ->check(CLI::IsMember(
+          {"fp32", "bf16_autocast", "fp16_autocast", "bf16_mixed", "fp16_mixed", "bf16", "fp16"}))
       ->capture_default_str();
   app.add_option("--strategy", c.strategy,
                  "Synchronisation: master (gradients reduced to the master, which alone steps "
@@ -526,9 +547,10 @@ int main(int argc, char** argv) {
                  "while backward runs; 0: one bucket after backward (default: 25)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--wire-dtype", c.wire_dtype,
-                 "Dtype in which gradients travel: fp32, bf16 or fp16 (scaled by 1/N before the "
-                 "cast, so that the sum cannot overflow)")
-      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
+                 "Dtype in which gradients travel: fp32, bf16 or fp16 (fp16 is scaled by 1/N "
+                 "before the cast, so that the sum cannot overflow); auto: the compute dtype "
+                 "under bf16_mixed/fp16_mixed, else fp32")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}))
       ->capture_default_str();
   app.add_flag("--no-flat-step", c.no_flat_step,
                "Step the optimizer per parameter (its own step()) instead of over the flat "

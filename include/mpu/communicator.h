@@ -183,6 +183,10 @@ std::shared_ptr<Communicator> make_nccl_communicator(
 std::shared_ptr<Communicator> make_gloo_communicator(
     const StorePtr& store, int rank, int size, std::chrono::milliseconds timeout = comm_timeout());
 
+/// A communicator of one rank on `device` (backend "local"): every collective leaves its data as
+/// it is, and nothing is sent. What StandardUpdater steps through for the precision policies.
+std::shared_ptr<Communicator> make_local_communicator(const torch::Device& device);
+
 /// NCCL for a CUDA `device`, Gloo for the CPU.
 std::shared_ptr<Communicator> make_communicator(const torch::Device& device, const StorePtr& store,
                                                 int rank, int size,

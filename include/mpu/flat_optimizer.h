@@ -19,6 +19,34 @@ namespace mpu {
 /// implemented.
 bool flat_step_supported(const torch::optim::Optimizer& optimizer, std::string* why = nullptr);
 
+/// The fused CUDA step against torch::optim's own step on CUDA in fp32, after 5 steps of every
+/// optimizer and option (and in master-weights mode against fp32 parameters fed the bf16/fp16
+/// gradients): the largest difference of any parameter or state element, in units in the last
+/// place (the distance of the two fp32 bit patterns). The kernel performs torch's operations
+/// with torch's roundings (cuda/fused_step.h); measured on an H100 with LibTorch 2.11 (CUDA
+/// 13): 0, bit for bit, which the [cuda] tests hold it to. A LibTorch whose kernels round
+/// differently (another contraction of `a + alpha * b`) would show up there first.
+inline constexpr std::int64_t kFusedStepUlpBound = 0;
+
+/// Options of a FlatOptimizer beyond its buffers and range.
+struct FlatOptimizerOptions {
+  /// Master-weights mode when defined: a 1-D contiguous BFloat16 or Half tensor with
+  /// flat_param's numel and device. The optimizer's parameters are then views of model_param
+  /// (not of flat_param), flat_param is their Float master copy (the same layout: equal element
+  /// offsets), the optimizer state is Float, and flat_grad may be Float, BFloat16 or Half (the
+  /// parameters' gradients are its views). step() updates the master and the state, then
+  /// writes model_param[e] = round_to_nearest_even(flat_param[e]) for every element e it
+  /// stepped. The caller initialises flat_param from model_param (or the other way round).
+  /// Undefined (the default): flat_param holds the parameters and flat_grad has its dtype.
+  torch::Tensor model_param;
+  /// On CUDA with a Float flat_param: step with the fused kernel (one launch per step for up to
+  /// 32 runs; see cuda/fused_step.h for its rounding), which reads every gradient, master and
+  /// state element once and writes each once. false: always the torch operations, bit-identical
+  /// to torch::optim. Ignored on CPU and for Half, BFloat16 or Double flat_param (torch
+  /// operations).
+  bool fused = true;
+};
+
 /// Steps the parameters of a torch::optim optimizer through the flat buffers they are views of.
 ///
 /// Layout. Every parameter of every param group must be a contiguous view into `flat_param` and
@@ -41,7 +69,8 @@ bool flat_step_supported(const torch::optim::Optimizer& optimizer, std::string* 
 /// counts differ (after loading a checkpoint in which they do).
 ///
 /// State. Per-element state (`state_names()`) lives in flat tensors of (end - begin) elements
-/// in the parameter dtype on the parameters' device.
+/// in flat_param's dtype (the parameter dtype; Float in master-weights mode) on the parameters'
+/// device.
 /// - Full range (begin = 0, end = numel): the optimizer's own per-parameter state tensors are
 ///   views into the flat state, and its step counts are kept current after every step(), so
 ///   optimizer.save() writes a checkpoint a plain optimizer loads. When step() finds that the
@@ -57,8 +86,12 @@ bool flat_step_supported(const torch::optim::Optimizer& optimizer, std::string* 
 /// released after each step; on CPU they are kept between steps, because page-faulting a fresh
 /// allocation of that size in at every step costs more than the step.
 ///
-/// Devices and streams: the torch operations run on the current stream of the parameters'
-/// device, without host synchronisation. Not thread-safe; not copyable; movable.
+/// Master weights and loss scaling: see FlatOptimizerOptions and step(double). On CUDA with a
+/// Float flat_param (master or not) step() is one fused kernel launch by default, which repeats
+/// torch's roundings: at most kFusedStepUlpBound ulps from torch::optim (0 measured).
+///
+/// Devices and streams: the torch operations and the fused kernel run on the current stream of the
+/// parameters' device, without host synchronisation. Not thread-safe; not copyable; movable.
 class FlatOptimizer {
  public:
   /// flat_param, flat_grad: 1-D contiguous tensors, same numel/dtype/device. Every parameter of
@@ -73,6 +106,14 @@ class FlatOptimizer {
   /// The optimizer must outlive this object.
   FlatOptimizer(torch::optim::Optimizer& optimizer, torch::Tensor flat_param,
                 torch::Tensor flat_grad, std::int64_t begin = 0, std::int64_t end = -1);
+  /// As above, with `options`: in master-weights mode (options.model_param defined) the
+  /// parameters are views of model_param and their gradients views of flat_grad at the same
+  /// element offsets; flat_param must be Float, flat_grad Float, BFloat16 or Half, all three
+  /// 1-D with the same numel and device; otherwise InvalidArgument naming the tensor, its dtype,
+  /// numel and device.
+  FlatOptimizer(torch::optim::Optimizer& optimizer, torch::Tensor flat_param,
+                torch::Tensor flat_grad, std::int64_t begin, std::int64_t end,
+                FlatOptimizerOptions options);
   ~FlatOptimizer();
   /// Moves the flat state and the optimizer reference; the moved-from object must not step.
   FlatOptimizer(FlatOptimizer&&) noexcept;
@@ -87,6 +128,17 @@ class FlatOptimizer {
   /// parameter or gradient is no longer the view it was (replaced storage, gradient set to
   /// none), or an option now needs a state buffer that was not allocated at construction.
   void step();
+  /// As step(), with every gradient multiplied by `grad_scale` as it is read (the unscale of
+  /// loss scaling: 1 / S); flat_grad is not modified. The torch-operation path converts each
+  /// run's gradient to the master dtype in a scratch tensor and multiplies it there by
+  /// fp32(grad_scale) (double for a Double flat_param); the fused kernel multiplies in fp32.
+  /// step(1.0) is step().
+  void step(double grad_scale);
+
+  /// True when step() runs the fused CUDA kernel (CUDA, Float flat_param, options.fused).
+  bool fused() const;
+  /// True in master-weights mode.
+  bool has_master() const;
 
   /// Names of the per-element state buffers, in order: SGD {"momentum_buffer"} (none without
   /// momentum); Adam and AdamW {"exp_avg", "exp_avg_sq"} and "max_exp_avg_sq" when a group

@@ -13,6 +13,7 @@
 #include "mpu/flat_optimizer.h"
 #include "mpu/iterator.h"
 #include "mpu/launch.h"
+#include "mpu/precision.h"
 #include "mpu/reporter.h"
 #include "mpu/scaling.h"
 #include "mpu/trainer.h"

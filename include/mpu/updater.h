@@ -14,6 +14,7 @@
 
 #include "mpu/defaults.h"
 #include "mpu/iterator.h"
+#include "mpu/precision.h"
 #include "mpu/scaling.h"
 
 #include "mpu/error.h"
@@ -61,6 +62,9 @@ class Updater {
   virtual Communicator* communicator() { return nullptr; }
   /// The device this process computes on.
   virtual torch::Device device() const = 0;
+  /// The precision policy the updater trains under; `Evaluator` runs its loss function under
+  /// the same autocast.
+  virtual Precision precision() const { return Precision::kFp32; }
   /// The model being trained (on this process).
   virtual torch::nn::Module& model() = 0;
 
@@ -165,7 +169,24 @@ struct UpdaterOptions {
   std::chrono::milliseconds worker_death_timeout{0};
   /// Deadline of every collective, and of process start-up.
   std::chrono::milliseconds timeout = kDefaultCommTimeout;
+  /// How the model trains in reduced precision (see `Precision`). The autocast policies run
+  /// `loss_fn` under LibTorch's autocast (backward runs outside it, as torch.autocast
+  /// recommends); the mixed policies cast the model's parameters and floating buffers to the
+  /// compute dtype when the updater is built and keep fp32 master weights in the flat step
+  /// (they need an optimizer the flat step supports). Under bf16_mixed and fp16_mixed the
+  /// gradients are in the compute dtype and travel in `wire_dtype` (float32 by default; set it
+  /// to the compute dtype to halve the traffic).
+  Precision precision = Precision::kFp32;
+  /// Dynamic loss scaling of the fp16 policies (GradScaler's defaults). A step whose gradients
+  /// overflowed on any rank is skipped on every rank and reported as "main/skipped_steps";
+  /// the scale is reported as "main/loss_scale" and saved in snapshots.
+  LossScaleOptions loss_scale;
 };
+
+namespace detail {
+class SyncEngine;
+struct PrecisionState;
+}  // namespace detail
 
 /// One process, one device (CPU or GPU): next batch -> converter -> loss -> zero grads ->
 /// backward -> optimizer step. The reference every data-parallel updater is tested against.
@@ -177,13 +198,20 @@ class StandardUpdater : public Updater {
                   std::shared_ptr<Iterator> iterator, LossFunction loss_fn,
                   torch::Device device = torch::kCPU, UpdaterOptions options = {});
 
+  ~StandardUpdater() override;
+
   void update() override;
   std::int64_t iteration() const override { return iteration_; }
   std::int64_t epoch() const override;
   double epoch_detail() const override;
   bool is_new_epoch() const override;
   torch::Device device() const override { return device_; }
+  Precision precision() const override { return options_.precision; }
   torch::nn::Module& model() override { return *model_; }
+  /// Steps skipped for non-finite gradients (precision policies with loss scaling).
+  std::int64_t skipped_steps() const;
+  /// The current loss scale (1 without loss scaling).
+  double loss_scale() const;
   /// The optimizer, as passed in.
   torch::optim::Optimizer& optimizer() { return optimizer_; }
   /// The iterator, as passed in.
@@ -200,10 +228,12 @@ class StandardUpdater : public Updater {
   torch::Device device_;
   UpdaterOptions options_;
   std::int64_t iteration_ = 0;
+  std::shared_ptr<Communicator> local_;        // precision policies: one rank, nothing sent
+  std::unique_ptr<detail::SyncEngine> step_;  // null under fp32
+  void make_engine();
 };
 
 namespace detail {
-class SyncEngine;
 struct WorkerSet;
 }  // namespace detail
 
@@ -270,6 +300,7 @@ class MultiprocessParallelUpdater : public Updater {
   bool is_new_epoch() const override;
   int world_size() const override { return static_cast<int>(devices_.size()); }
   torch::Device device() const override { return devices_.front(); }
+  Precision precision() const override { return options_.precision; }
   torch::nn::Module& model() override { return *model_; }
   /// The master's optimizer (rescaled at construction).
   torch::optim::Optimizer& optimizer() { return optimizer_; }
@@ -304,6 +335,8 @@ class MultiprocessParallelUpdater : public Updater {
   std::int64_t iteration_ = 0;
   std::shared_ptr<Communicator> comm_;
   std::unique_ptr<detail::SyncEngine> step_;
+  // What load() read of the precision state before the workers started.
+  std::unique_ptr<detail::PrecisionState> pending_precision_;
   std::unique_ptr<detail::WorkerSet> workers_;
   bool finalized_ = false;
 };
@@ -338,6 +371,7 @@ class DistributedUpdater : public Updater {
   int world_size() const override;
   Communicator* communicator() override { return comm_.get(); }
   torch::Device device() const override;
+  Precision precision() const override { return options_.precision; }
   torch::nn::Module& model() override { return *model_; }
   /// This rank's optimizer (rescaled at construction).
   torch::optim::Optimizer& optimizer() { return optimizer_; }

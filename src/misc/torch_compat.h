@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 #include <torch/version.h>
+#include <ATen/autocast_mode.h>
 
 #include <sstream>
 #include <string>
@@ -44,6 +45,67 @@ auto optimizer_state_key(const torch::Tensor& p) {
   } else {
     return static_cast<Key>(p.unsafeGetTensorImpl());
   }
+}
+
+/// Turns LibTorch's autocast on for `device_type` (kCPU or kCUDA) with `dtype` for its lifetime,
+/// as torch.autocast does: the previous state comes back, and the cast cache is cleared when
+/// the outermost scope ends. `enabled` false: does nothing.
+class AutocastScope {
+ public:
+  AutocastScope(c10::DeviceType device_type, at::ScalarType dtype, bool enabled = true)
+      : device_type_(device_type), enabled_(enabled) {
+    if (!enabled_) return;
+    was_enabled_ = is_enabled();
+    was_dtype_ = get_dtype();
+    set_enabled(true);
+    set_dtype(dtype);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastScope() {
+    if (!enabled_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    set_enabled(was_enabled_);
+    set_dtype(was_dtype_);
+  }
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  bool cuda() const { return device_type_ == c10::DeviceType::CUDA; }
+#if TORCH_VERSION_MAJOR >= 2
+  bool is_enabled() const { return at::autocast::is_autocast_enabled(device_type_); }
+  void set_enabled(bool on) const { at::autocast::set_autocast_enabled(device_type_, on); }
+  at::ScalarType get_dtype() const { return at::autocast::get_autocast_dtype(device_type_); }
+  void set_dtype(at::ScalarType d) const { at::autocast::set_autocast_dtype(device_type_, d); }
+#else
+  bool is_enabled() const {
+    return cuda() ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled();
+  }
+  void set_enabled(bool on) const {
+    cuda() ? at::autocast::set_enabled(on) : at::autocast::set_cpu_enabled(on);
+  }
+  at::ScalarType get_dtype() const {
+    return cuda() ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
+  }
+  void set_dtype(at::ScalarType d) const {
+    cuda() ? at::autocast::set_autocast_gpu_dtype(d) : at::autocast::set_autocast_cpu_dtype(d);
+  }
+#endif
+
+  c10::DeviceType device_type_;
+  bool enabled_;
+  bool was_enabled_ = false;
+  at::ScalarType was_dtype_ = at::kFloat;
+};
+
+/// Whether LibTorch's autocast can run `dtype` on `device_type`: CUDA takes fp16 and bf16; the
+/// CPU takes bf16, and fp16 from LibTorch 2.x on.
+inline bool autocast_supports(c10::DeviceType device_type, at::ScalarType dtype) {
+  if (device_type == c10::DeviceType::CUDA) {
+    return dtype == at::kHalf || dtype == at::kBFloat16;
+  }
+  if (device_type != c10::DeviceType::CPU) return false;
+  return dtype == at::kBFloat16 || (kTorch2 && dtype == at::kHalf);
 }
 
 }  // namespace mpu::detail

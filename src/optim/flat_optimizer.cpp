@@ -42,6 +42,12 @@ bool flat_step_supported(const torch::optim::Optimizer& optimizer, std::string* 
 
 FlatOptimizer::FlatOptimizer(torch::optim::Optimizer& optimizer, torch::Tensor flat_param,
                              torch::Tensor flat_grad, std::int64_t begin, std::int64_t end)
+    : FlatOptimizer(optimizer, std::move(flat_param), std::move(flat_grad), begin, end,
+                    FlatOptimizerOptions{}) {}
+
+FlatOptimizer::FlatOptimizer(torch::optim::Optimizer& optimizer, torch::Tensor flat_param,
+                             torch::Tensor flat_grad, std::int64_t begin, std::int64_t end,
+                             FlatOptimizerOptions options)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   std::string why;
@@ -55,29 +61,63 @@ FlatOptimizer::FlatOptimizer(torch::optim::Optimizer& optimizer, torch::Tensor f
                 flat_grad.is_contiguous(),
             "FlatOptimizer: flat_param and flat_grad must be 1-D and contiguous, got shapes ",
             detail::shape_of(flat_param), " and ", detail::shape_of(flat_grad));
-  MPU_CHECK(flat_param.numel() == flat_grad.numel() &&
-                flat_param.scalar_type() == flat_grad.scalar_type() &&
-                flat_param.device() == flat_grad.device(),
-            "FlatOptimizer: flat_param and flat_grad must have the same numel, dtype and device, "
-            "got ",
-            flat_param.numel(), " ", flat_param.scalar_type(), " on ", flat_param.device(), " and ",
-            flat_grad.numel(), " ", flat_grad.scalar_type(), " on ", flat_grad.device());
-  MPU_CHECK(floating(flat_param.scalar_type()),
-            "FlatOptimizer: flat_param must be Float, Half, BFloat16 or Double, got ",
-            flat_param.scalar_type());
+  const torch::Tensor& model_param = options.model_param;
+  const bool master = model_param.defined();
+  if (master) {
+    MPU_CHECK(model_param.dim() == 1 && model_param.is_contiguous() &&
+                  (model_param.scalar_type() == torch::kBFloat16 ||
+                   model_param.scalar_type() == torch::kHalf) &&
+                  model_param.numel() == flat_param.numel() &&
+                  model_param.device() == flat_param.device(),
+              "FlatOptimizer: options.model_param must be a 1-D contiguous BFloat16 or Half "
+              "tensor with flat_param's numel and device (",
+              flat_param.numel(), " on ", flat_param.device(), "), got shape ",
+              detail::shape_of(model_param), " ", model_param.scalar_type(), " on ",
+              model_param.device(), model_param.is_contiguous() ? "" : ", not contiguous");
+    MPU_CHECK(flat_param.scalar_type() == torch::kFloat,
+              "FlatOptimizer: with options.model_param, flat_param is the master copy and must "
+              "be Float, got ",
+              flat_param.scalar_type());
+    MPU_CHECK(flat_grad.numel() == flat_param.numel() &&
+                  flat_grad.device() == flat_param.device() &&
+                  (flat_grad.scalar_type() == torch::kFloat ||
+                   flat_grad.scalar_type() == torch::kBFloat16 ||
+                   flat_grad.scalar_type() == torch::kHalf),
+              "FlatOptimizer: with options.model_param, flat_grad must be Float, BFloat16 or "
+              "Half with flat_param's numel and device (",
+              flat_param.numel(), " on ", flat_param.device(), "), got ", flat_grad.numel(), " ",
+              flat_grad.scalar_type(), " on ", flat_grad.device());
+  } else {
+    MPU_CHECK(flat_param.numel() == flat_grad.numel() &&
+                  flat_param.scalar_type() == flat_grad.scalar_type() &&
+                  flat_param.device() == flat_grad.device(),
+              "FlatOptimizer: flat_param and flat_grad must have the same numel, dtype and "
+              "device, got ",
+              flat_param.numel(), " ", flat_param.scalar_type(), " on ", flat_param.device(),
+              " and ", flat_grad.numel(), " ", flat_grad.scalar_type(), " on ", flat_grad.device());
+    MPU_CHECK(floating(flat_param.scalar_type()),
+              "FlatOptimizer: flat_param must be Float, Half, BFloat16 or Double, got ",
+              flat_param.scalar_type());
+  }
   const std::int64_t numel = flat_param.numel();
   if (end < 0) end = numel;
   MPU_CHECK(0 <= begin && begin <= end && end <= numel, "FlatOptimizer: the range [", begin, ", ",
             end, ") is not inside the flat buffers' [0, ", numel, ")");
   m.flat_param = flat_param.detach();
   m.flat_grad = flat_grad.detach();
+  if (master) m.model_param = model_param.detach();
+  m.use_fused = MPU_HAS_CUDA && options.fused && flat_param.is_cuda() &&
+                flat_param.scalar_type() == torch::kFloat;
+  const torch::Tensor& base = m.param_base();
+  const char* const base_name = master ? "model_param" : "flat_param";
   m.begin = begin;
   m.end = end;
   m.full = begin == 0 && end == numel;
 
   // Where every parameter lives.
-  const auto item = static_cast<std::int64_t>(flat_param.element_size());
-  const auto pbase = reinterpret_cast<std::uintptr_t>(flat_param.data_ptr());
+  const auto item = static_cast<std::int64_t>(base.element_size());
+  const auto gitem = static_cast<std::int64_t>(flat_grad.element_size());
+  const auto pbase = reinterpret_cast<std::uintptr_t>(base.data_ptr());
   const auto gbase = reinterpret_cast<std::uintptr_t>(flat_grad.data_ptr());
   const auto& groups = optimizer.param_groups();
   for (std::size_t g = 0; g < groups.size(); ++g) {
@@ -89,29 +129,29 @@ FlatOptimizer::FlatOptimizer(torch::optim::Optimizer& optimizer, torch::Tensor f
         return detail::cat("FlatOptimizer: group ", g, " parameter ", i, " (shape ",
                            detail::shape_of(p), ")");
       };
-      MPU_CHECK(p.device() == flat_param.device() && p.scalar_type() == flat_param.scalar_type(),
-                where(), " is ", p.scalar_type(), " on ", p.device(), ", flat_param is ",
-                flat_param.scalar_type(), " on ", flat_param.device());
+      MPU_CHECK(p.device() == base.device() && p.scalar_type() == base.scalar_type(), where(),
+                " is ", p.scalar_type(), " on ", p.device(), ", ", base_name, " is ",
+                base.scalar_type(), " on ", base.device());
       MPU_CHECK(p.is_contiguous(), where(), " is not contiguous (strides ", p.strides(), ")");
       const auto addr = reinterpret_cast<std::uintptr_t>(p.data_ptr());
       const auto bytes = static_cast<std::uintptr_t>(numel * item);
       MPU_CHECK(addr >= pbase && addr < pbase + bytes &&
                     (addr - pbase) % static_cast<std::uintptr_t>(item) == 0,
-                where(), " is not a view into flat_param: its data is at ",
-                reinterpret_cast<void*>(addr), ", flat_param spans [",
+                where(), " is not a view into ", base_name, ": its data is at ",
+                reinterpret_cast<void*>(addr), ", ", base_name, " spans [",
                 reinterpret_cast<void*>(pbase), ", ", reinterpret_cast<void*>(pbase + bytes), ")");
       const auto offset = static_cast<std::int64_t>((addr - pbase) / item);
       MPU_CHECK(offset + p.numel() <= numel, where(), " at element ", offset, " with ", p.numel(),
-                " elements runs past the end of flat_param (", numel, " elements)");
+                " elements runs past the end of ", base_name, " (", numel, " elements)");
       const torch::Tensor& grad = p.grad();
       MPU_CHECK(grad.defined(), where(), " has no gradient; it must be the view of flat_grad at ",
                 "element ", offset);
       MPU_CHECK(reinterpret_cast<std::uintptr_t>(grad.data_ptr()) ==
-                        gbase + static_cast<std::uintptr_t>(offset * item) &&
+                        gbase + static_cast<std::uintptr_t>(offset * gitem) &&
                     grad.is_contiguous() && grad.numel() == p.numel(),
                 where(), "'s gradient is not the view of flat_grad at element ", offset,
                 ": its data is at ", grad.data_ptr(), " (expected ",
-                reinterpret_cast<void*>(gbase + static_cast<std::uintptr_t>(offset * item)),
+                reinterpret_cast<void*>(gbase + static_cast<std::uintptr_t>(offset * gitem)),
                 "), contiguous ", grad.is_contiguous(), ", ", grad.numel(), " elements");
       Impl::Param q;
       q.group = g;
@@ -179,6 +219,12 @@ std::int64_t FlatOptimizer::end() const {
 }
 std::size_t FlatOptimizer::num_runs() const {
   return impl_->runs.size();
+}
+bool FlatOptimizer::fused() const {
+  return impl_->use_fused;
+}
+bool FlatOptimizer::has_master() const {
+  return impl_->model_param.defined();
 }
 
 }  // namespace mpu

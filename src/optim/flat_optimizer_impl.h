@@ -1,5 +1,6 @@
 // The private state of FlatOptimizer, shared by its files: flat_optimizer.cpp (construction
-// and checks), flat_state.cpp (state import and export), flat_step.cpp (the step kernels).
+// and checks), flat_state.cpp (state import and export), flat_step.cpp (the step with torch
+// operations), flat_step_cuda.cpp (the fused CUDA step).
 #pragma once
 
 #include <torch/torch.h>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "misc/torch_compat.h"
+#include "mpu/config.h"
 #include "mpu/error.h"
 #include "mpu/flat_optimizer.h"
 #include "optim/optimizer_traits.h"
@@ -43,8 +45,11 @@ struct FlatOptimizer::Impl {
 
   optim::Optimizer* opt = nullptr;
   const detail::OptimizerTraits* traits = nullptr;
-  torch::Tensor flat_param;
+  torch::Tensor flat_param;  // the parameters, or their master copy
   torch::Tensor flat_grad;
+  torch::Tensor model_param;  // master-weights mode: what the parameters are views of
+  bool use_fused = false;     // step() runs the fused CUDA kernel
+  double grad_scale = 1.0;    // of the step in progress
   std::int64_t begin = 0;
   std::int64_t end = 0;
   bool full = false;
@@ -56,6 +61,11 @@ struct FlatOptimizer::Impl {
   std::vector<torch::Tensor> scratch_buffers;  // CPU only, see scratch()
 
   /// The index into `fields` (and `state`) of traits->fields[f], or -1 when not allocated.
+  /// The buffer the optimizer's parameters are views of.
+  const torch::Tensor& param_base() const {
+    return model_param.defined() ? model_param : flat_param;
+  }
+
   int slot_of(std::size_t f) const {
     for (std::size_t i = 0; i < fields.size(); ++i) {
       if (fields[i] == f) return static_cast<int>(i);
@@ -120,8 +130,9 @@ struct FlatOptimizer::Impl {
     MPU_CHECK(groups.size() == by_group.size(), "FlatOptimizer::step: the optimizer has ",
               groups.size(), " param groups, ", by_group.size(),
               " at construction; build a new FlatOptimizer after add_param_group");
-    const std::int64_t item = static_cast<std::int64_t>(flat_param.element_size());
-    char* const pbase = static_cast<char*>(flat_param.data_ptr());
+    const auto pitem = static_cast<std::int64_t>(param_base().element_size());
+    const auto gitem = static_cast<std::int64_t>(flat_grad.element_size());
+    char* const pbase = static_cast<char*>(param_base().data_ptr());
     char* const gbase = static_cast<char*>(flat_grad.data_ptr());
     for (std::size_t g = 0; g < groups.size(); ++g) {
       const auto& ps = groups[g].params();
@@ -134,11 +145,12 @@ struct FlatOptimizer::Impl {
                   "FlatOptimizer::step: group ", g, " parameter ", i,
                   " is not the tensor it was at construction; build a new FlatOptimizer");
         const Param& p = params[idx[k++]];
-        MPU_CHECK(ps[i].data_ptr() == pbase + p.offset * item, "FlatOptimizer::step: group ", g,
-                  " parameter ", i, " is no longer a view of flat_param at element ", p.offset,
+        MPU_CHECK(ps[i].data_ptr() == pbase + p.offset * pitem, "FlatOptimizer::step: group ", g,
+                  " parameter ", i, " is no longer a view of ",
+                  model_param.defined() ? "model_param" : "flat_param", " at element ", p.offset,
                   " (its storage was replaced, e.g. by set_data or Module::to)");
         const torch::Tensor& grad = ps[i].grad();
-        MPU_CHECK(grad.defined() && grad.data_ptr() == gbase + p.offset * item,
+        MPU_CHECK(grad.defined() && grad.data_ptr() == gbase + p.offset * gitem,
                   "FlatOptimizer::step: group ", g, " parameter ", i, "'s gradient is ",
                   grad.defined() ? "no longer the view of flat_grad at element "
                                  : "undefined, not the view of flat_grad at element ",
@@ -192,12 +204,19 @@ struct FlatOptimizer::Impl {
 
   /// Scratch tensor i for run r (an lvalue, for the out= variants).
   torch::Tensor scratch(std::size_t i, const Run& r);
+  /// The run's gradient in flat_param's dtype, times grad_scale: the slice of flat_grad itself
+  /// when nothing changes, else scratch 0 (which the step may then update in place).
+  torch::Tensor grad_of(const Run& r, bool* is_scratch);
   void step_run(const Run& r);
   void step_sgd(const Run& r, const optim::SGDOptions& o, bool has_buffer);
   template <typename Options>
   void step_adam(const Run& r, const Options& o, std::int64_t step, bool decoupled);
   void step_adagrad(const Run& r, const optim::AdagradOptions& o, std::int64_t step);
   void step_rmsprop(const Run& r, const optim::RMSpropOptions& o);
+#if MPU_HAS_CUDA
+  /// All runs with the fused kernel (flat_step_cuda.cpp): one launch per kFusedMaxRuns runs.
+  void step_fused();
+#endif
 };
 
 namespace detail {

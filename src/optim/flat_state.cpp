@@ -20,6 +20,13 @@ void FlatOptimizer::import_state() {
       const std::size_t f = m.fields[k];
       torch::Tensor src;
       if (s != nullptr) src = m.field(*s, k);
+      // Master weights: state the optimizer created in the parameters' dtype before any step
+      // (Adagrad's initial accumulator, made in its constructor) holds only the rounded initial
+      // value; start it in the master dtype instead, as a plain fp32 optimizer would have it.
+      if (src.defined() && m.model_param.defined() && m.traits->has_step && p.step == 0 &&
+          src.scalar_type() != m.flat_param.scalar_type()) {
+        src = torch::Tensor();
+      }
       if (src.defined()) {
         MPU_CHECK(src.numel() == p.numel, "FlatOptimizer::import_state: the ", m.traits->name,
                   " state '", m.field_name(k), "' of group ", p.group, " parameter ", p.index,
@@ -86,11 +93,12 @@ void FlatOptimizer::export_state(const std::vector<torch::Tensor>& full) {
     m.traits->set_step(*s, p.step);
     for (std::size_t k = 0; k < m.fields.size(); ++k) {
       if (!(p.present & (1u << k))) continue;
+      // In the state dtype (the master's in master-weights mode), on the parameter's device.
       m.field(*s, k) = full[k]
                            .narrow(0, p.offset, p.numel)
                            .view(p.tensor.sizes())
-                           .to(p.tensor.options(), /*non_blocking=*/false,
-                               /*copy=*/true);
+                           .to(p.tensor.options().dtype(m.state[k].scalar_type()),
+                               /*non_blocking=*/false, /*copy=*/true);
     }
     st[p.key] = std::move(s);
   }

@@ -27,18 +27,32 @@ torch::Tensor FlatOptimizer::Impl::scratch(std::size_t i, const Run& r) {
   return scratch_buffers[i].narrow(0, r.begin - begin, len);
 }
 
+torch::Tensor FlatOptimizer::Impl::grad_of(const Run& r, bool* is_scratch) {
+  torch::Tensor g = slice(flat_grad, r.begin, r.end);
+  *is_scratch = false;
+  if (g.scalar_type() == flat_param.scalar_type() && grad_scale == 1.0) return g;
+  // Converted (exactly, for a wider master dtype) and then scaled in the master dtype, as the
+  // plain step would see a gradient that was unscaled in place before it.
+  torch::Tensor out = scratch(0, r);
+  out.copy_(g);
+  if (grad_scale != 1.0) out.mul_(grad_scale);
+  *is_scratch = true;
+  return out;
+}
+
 void FlatOptimizer::Impl::step_sgd(const Run& r, const optim::SGDOptions& o, bool has_buffer) {
   torch::Tensor tmp0;  // scratch(0, r) once needed
   torch::Tensor p = slice(flat_param, r.begin, r.end);
-  torch::Tensor d_p = slice(flat_grad, r.begin, r.end);
   bool d_p_is_scratch = false;
+  torch::Tensor d_p = grad_of(r, &d_p_is_scratch);
   const auto weight_decay = o.weight_decay();
   const auto momentum = o.momentum();
   const auto dampening = o.dampening();
   const auto nesterov = o.nesterov();
   if (weight_decay != 0) {
     // d_p = d_p.add(p, weight_decay)
-    d_p = torch::add_out(tmp0 = scratch(0, r), d_p, p, weight_decay);
+    d_p = d_p_is_scratch ? d_p.add_(p, weight_decay)
+                         : torch::add_out(tmp0 = scratch(0, r), d_p, p, weight_decay);
     d_p_is_scratch = true;
   }
   if (momentum != 0) {
@@ -67,7 +81,8 @@ void FlatOptimizer::Impl::step_adam(const Run& r, const Options& o, std::int64_t
   torch::Tensor tmp1;
   // Adam (decoupled = false) and AdamW (true).
   torch::Tensor p = slice(flat_param, r.begin, r.end);
-  torch::Tensor grad = slice(flat_grad, r.begin, r.end);
+  bool converted = false;
+  torch::Tensor grad = grad_of(r, &converted);
   if (decoupled && o.weight_decay() != 0) p.mul_(1 - o.lr() * o.weight_decay());
   torch::Tensor exp_avg = state_slice(0, r.begin, r.end);
   torch::Tensor exp_avg_sq = state_slice(1, r.begin, r.end);
@@ -76,7 +91,8 @@ void FlatOptimizer::Impl::step_adam(const Run& r, const Options& o, std::int64_t
   const auto bias_correction1 = 1 - std::pow(beta1, step);
   const auto bias_correction2 = 1 - std::pow(beta2, step);
   if (!decoupled && o.weight_decay() != 0) {
-    grad = torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
+    grad = converted ? grad.add_(p, o.weight_decay())
+                     : torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
   }
   exp_avg.mul_(beta1).add_(grad, 1 - beta1);
   exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
@@ -99,9 +115,13 @@ void FlatOptimizer::Impl::step_adagrad(const Run& r, const optim::AdagradOptions
   torch::Tensor tmp0;  // scratch(0, r) and scratch(1, r) once needed
   torch::Tensor tmp1;
   torch::Tensor p = slice(flat_param, r.begin, r.end);
-  torch::Tensor grad = slice(flat_grad, r.begin, r.end);
+  bool converted = false;
+  torch::Tensor grad = grad_of(r, &converted);
   torch::Tensor sum = state_slice(0, r.begin, r.end);
-  if (o.weight_decay() != 0) grad = torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
+  if (o.weight_decay() != 0) {
+    grad = converted ? grad.add_(p, o.weight_decay())
+                     : torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
+  }
   const auto clr = o.lr() / (1 + static_cast<double>(step - 1) * o.lr_decay());
   sum.addcmul_(grad, grad, 1.0);
   // std = sum.sqrt().add_(eps)
@@ -114,10 +134,14 @@ void FlatOptimizer::Impl::step_rmsprop(const Run& r, const optim::RMSpropOptions
   torch::Tensor tmp0;  // scratch(0, r) and scratch(1, r) once needed
   torch::Tensor tmp1;
   torch::Tensor p = slice(flat_param, r.begin, r.end);
-  torch::Tensor grad = slice(flat_grad, r.begin, r.end);
+  bool converted = false;
+  torch::Tensor grad = grad_of(r, &converted);
   torch::Tensor square_avg = state_slice(0, r.begin, r.end);
   const auto alpha = o.alpha();
-  if (o.weight_decay() != 0) grad = torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
+  if (o.weight_decay() != 0) {
+    grad = converted ? grad.add_(p, o.weight_decay())
+                     : torch::add_out(tmp0 = scratch(0, r), grad, p, o.weight_decay());
+  }
   square_avg.mul_(alpha).addcmul_(grad, grad, 1 - alpha);
   torch::Tensor avg;
   if (o.centered()) {
@@ -169,8 +193,14 @@ void FlatOptimizer::Impl::step_run(const Run& r) {
 }
 
 void FlatOptimizer::step() {
+  step(1.0);
+}
+
+void FlatOptimizer::step(double grad_scale) {
   Impl& m = *impl_;
   torch::NoGradGuard no_grad;
+  MPU_CHECK(std::isfinite(grad_scale), "FlatOptimizer::step: grad_scale must be finite, got ",
+            grad_scale);
   m.check_views();
   const auto& groups = m.opt->param_groups();
   for (std::size_t g = 0; g < groups.size(); ++g) {
@@ -183,7 +213,19 @@ void FlatOptimizer::step() {
     }
   }
   if (m.full && !m.state_in_sync()) import_state();
-  for (const auto& r : m.runs) m.step_run(r);
+  m.grad_scale = grad_scale;
+  if (m.use_fused) {
+#if MPU_HAS_CUDA
+    m.step_fused();
+#endif
+  } else {
+    for (const auto& r : m.runs) {
+      m.step_run(r);
+      if (m.model_param.defined()) {
+        m.slice(m.model_param, r.begin, r.end).copy_(m.slice(m.flat_param, r.begin, r.end));
+      }
+    }
+  }
   // Every parameter has a gradient, so every parameter of the optimizer stepped (those outside
   // [begin, end) on other ranks): advance all counts, as the plain step would.
   bool new_buffers = false;

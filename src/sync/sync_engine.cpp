@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "misc/log.h"
+#include "misc/torch_compat.h"
 #include "mpu/error.h"
 #include "mpu/flat_optimizer.h"
 #include "mpu/reporter.h"
@@ -36,6 +37,44 @@ std::optional<torch::Dtype> common_dtype(
     dtype = d;
   }
   return dtype;
+}
+
+// The parameters as the precision policy trains them: checked (autocast policies keep fp32
+// parameters) and, under the mixed policies, the model cast to the compute dtype in place
+// (Module::to keeps each parameter's identity, so the optimizer still holds them).
+std::vector<std::pair<std::string, torch::Tensor>> policy_parameters(
+    torch::nn::Module& model, const UpdaterOptions& options) {
+  const Precision policy = options.precision;
+  if (policy == Precision::kFp32) return reversed_parameters(model);
+  const torch::Dtype low = compute_dtype(policy);
+  const bool mixed = has_master_weights(policy);
+  const auto named = reversed_parameters(model);
+  MPU_CHECK(!named.empty(), "the model has no parameters with elements; there is nothing to train");
+  const c10::DeviceType device = named.front().second.device().type();
+  MPU_CHECK(autocast_supports(device, low), "UpdaterOptions::precision ", to_string(policy),
+            ": LibTorch ", TORCH_VERSION, " cannot autocast to ", c10::toString(low), " on ",
+            c10::DeviceTypeName(device, true),
+            low == torch::kHalf && device == c10::DeviceType::CPU
+                ? " (fp16 on the CPU needs LibTorch 2.x); train on a GPU or use bf16_autocast or "
+                  "bf16_mixed"
+                : "; use fp32");
+  for (const auto& [name, p] : named) {
+    const auto d = p.scalar_type();
+    MPU_CHECK(d == torch::kFloat || (mixed && d == low), "UpdaterOptions::precision ",
+              to_string(policy), ": parameter '", name, "' is ", c10::toString(d), "; ",
+              mixed ? "the mixed policies take an fp32 model (they cast it and keep fp32 master "
+                      "weights)"
+                    : "autocast policies train fp32 parameters (use bf16_mixed or fp16_mixed to "
+                      "store them in low precision)",
+              ": build the model in fp32, or call model->to(torch::kFloat) first");
+  }
+  if (mixed) {
+    for (auto& p : model.parameters()) {
+      if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
+    }
+    model.to(low);
+  }
+  return reversed_parameters(model);
 }
 
 FlatBufferOptions flat_options(const std::optional<torch::Dtype>& dtype) {
@@ -89,8 +128,12 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
       optimizer_(optimizer),
       comm_(comm),
       skip_nonfinite_(options.skip_nonfinite),
+      precision_(options.precision),
+      scaling_(uses_loss_scaling(options.precision)),
+      scaler_(options.loss_scale),
       drift_interval_(options.drift_check_interval),
-      flat_(reversed_parameters(model), flat_options(common_dtype(reversed_parameters(model)))),
+      strategy_(options.strategy),
+      flat_(policy_parameters(model, options), flat_options(common_dtype(reversed_parameters(model)))),
       ctx_(comm, flat_),
       hook_target_(std::make_shared<HookTarget>()) {
   check_options(options, "SyncEngine");
@@ -127,7 +170,26 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
   // cannot do without it (its constructor checked that it is supported).
   std::string why;
   const bool supported = flat_step_supported(optimizer_, &why);
-  if (sync_->steps_here() && zero_copy && supported &&
+  if (has_master_weights(precision_)) {
+    // fp32 master weights live beside the flat buffer, in its layout; the flat step steps them
+    // and writes the low-precision parameters in the same pass.
+    const std::string policy = to_string(precision_);
+    MPU_CHECK(zero_copy, "UpdaterOptions::precision ", policy,
+              ": the parameters could not be packed as views of one flat buffer, which fp32 "
+              "master weights need (a parameter is not contiguous, or shares storage)");
+    MPU_CHECK(supported, "UpdaterOptions::precision ", policy,
+              " steps fp32 master weights in the flat step, which cannot step this optimizer: ",
+              why, ". Use SGD, Adam, AdamW, Adagrad or RMSprop, or bf16_autocast/fp16_autocast");
+    MPU_CHECK(options.flat_step, "UpdaterOptions::precision ", policy,
+              " needs UpdaterOptions::flat_step (it steps the fp32 master weights); it is false");
+    if (sync_->steps_here()) {
+      master_ = flat_.flat_data().to(torch::kFloat).contiguous();
+      FlatOptimizerOptions fo;
+      fo.model_param = flat_.flat_data();
+      flat_opt_ = std::make_unique<FlatOptimizer>(optimizer_, master_, flat_.flat_grad(),
+                                                  sync_->step_begin(), sync_->step_end(), fo);
+    }
+  } else if (sync_->steps_here() && zero_copy && supported &&
       (options.flat_step || sync_->needs_flat_step())) {
     flat_opt_ = std::make_unique<FlatOptimizer>(optimizer_, flat_.flat_data(), flat_.flat_grad(),
                                                 sync_->step_begin(), sync_->step_end());
@@ -266,24 +328,36 @@ bool SyncEngine::finish(std::int64_t iteration) {
   armed_ = false;
 
   bool ok = true;
-  if (skip_nonfinite_) {
+  const bool check = skip_nonfinite_ || scaling_;
+  if (check) {
     ok = gradients_finite();
     if (!ok) {
       ++skipped_;
-      if (comm_.rank() == 0)
+      if (comm_.rank() == 0 && scaling_) {
+        MPU_LOG_INFO("iteration ", iteration, ": gradients overflowed at loss scale ",
+                     scaler_.scale(), "; the step is skipped and the scale halved (", skipped_,
+                     " skipped so far)");
+      } else if (comm_.rank() == 0) {
         MPU_LOG_WARN("iteration ", iteration,
                      ": a gradient is NaN or Inf; the optimizer step is skipped (", skipped_,
                      " skipped so far)");
+      }
     }
   }
-  if (skip_nonfinite_ && comm_.rank() == 0) {
+  // The gradients carry the scale of this step's backward; they are unscaled as the step reads
+  // them. Every rank then moves its scaler by the verdict they share.
+  const double grad_scale = scaling_ ? 1.0 / scaler_.scale() : 1.0;
+  if (scaling_) scaler_.update(!ok);
+  if (check && comm_.rank() == 0) {
     ReportScope scope("main");
     report("skipped_steps", static_cast<double>(skipped_));
+    if (scaling_) report("loss_scale", scaler_.scale());
   }
   if (sync_->steps_here() && ok) {
     if (flat_opt_) {
-      flat_opt_->step();
+      flat_opt_->step(grad_scale);
     } else {
+      if (grad_scale != 1.0) unscale_gradients(grad_scale);
       optimizer_.step();
     }
   }
@@ -294,8 +368,91 @@ bool SyncEngine::finish(std::int64_t iteration) {
   return ok;
 }
 
+void SyncEngine::unscale_gradients(double factor) {
+  if (flat_.zero_copy()) {
+    flat_.flat_grad().mul_(factor);
+    return;
+  }
+  for (auto& p : model_.parameters()) {
+    if (p.grad().defined()) p.mutable_grad().mul_(factor);
+  }
+}
+
 void SyncEngine::broadcast_parameters() {
-  broadcast_flat_parameters(ctx_);
+  torch::NoGradGuard no_grad;
+  const bool mixed = has_master_weights(precision_);
+  if (mixed && strategy_ != Strategy::kMasterStep) {
+    // Every rank steps its own master copy: they all take rank 0's, and round it.
+    if (!ctx_.solo) comm_.broadcast(master_, 0);
+    flat_.flat_data().copy_(master_);
+  } else {
+    // MasterStep: rank 0 alone holds the master weights; the others take its rounded copy.
+    if (master_.defined()) flat_.flat_data().copy_(master_);
+    broadcast_flat_parameters(ctx_);
+  }
+  if (scaling_ && !ctx_.solo) {
+    torch::Tensor s = torch::tensor({scaler_.scale(), static_cast<double>(scaler_.growth_tracker()),
+                                     static_cast<double>(scaler_.skipped_steps())},
+                                    torch::TensorOptions().dtype(torch::kDouble))
+                          .to(comm_.device());
+    comm_.broadcast(s, 0);
+    s = s.cpu();
+    const double* v = s.data_ptr<double>();
+    scaler_.restore(v[0], static_cast<std::int64_t>(v[1]), static_cast<std::int64_t>(v[2]));
+    skipped_ = scaler_.skipped_steps();
+  }
+}
+
+void SyncEngine::save_precision(torch::serialize::OutputArchive& archive) const {
+  if (precision_ == Precision::kFp32) return;
+  torch::serialize::OutputArchive state;
+  state.write("policy", torch::tensor(static_cast<std::int64_t>(precision_), torch::kInt64));
+  if (master_.defined()) state.write("master_weights", master_.cpu());
+  if (scaling_) scaler_.save(state);
+  archive.write("precision", state);
+}
+
+PrecisionState SyncEngine::read_precision(torch::serialize::InputArchive& archive,
+                                                      const UpdaterOptions& options) {
+  PrecisionState out;
+  if (options.precision == Precision::kFp32) return out;
+  const std::string policy = to_string(options.precision);
+  torch::serialize::InputArchive state;
+  MPU_CHECK(archive.try_read("precision", state), "load: the snapshot has no precision state; it ",
+            "was written under the fp32 policy, and this updater trains under ", policy);
+  torch::Tensor written;
+  MPU_CHECK(state.try_read("policy", written), "load: the snapshot's precision state has no policy");
+  const auto was = static_cast<Precision>(written.item<std::int64_t>());
+  MPU_CHECK(has_master_weights(was) == has_master_weights(options.precision) &&
+                uses_loss_scaling(was) == uses_loss_scaling(options.precision),
+            "load: the snapshot was written under precision ", to_string(was),
+            ", this updater trains under ", policy);
+  if (has_master_weights(options.precision)) {
+    MPU_CHECK(state.try_read("master_weights", out.master),
+              "load: the snapshot (", policy, ") has no fp32 master weights");
+  }
+  if (uses_loss_scaling(options.precision)) {
+    LossScaler scaler(options.loss_scale);
+    scaler.load(state);
+    out.has_scaler = true;
+    out.scale = scaler.scale();
+    out.growth_tracker = scaler.growth_tracker();
+    out.skipped = scaler.skipped_steps();
+  }
+  return out;
+}
+
+void SyncEngine::apply_precision(const PrecisionState& state) {
+  torch::NoGradGuard no_grad;
+  if (state.master.defined() && master_.defined()) {
+    MPU_CHECK(state.master.numel() == master_.numel(), "load: the snapshot's master weights have ",
+              state.master.numel(), " elements, the model ", master_.numel());
+    master_.copy_(state.master.reshape({-1}));
+  }
+  if (state.has_scaler && scaling_) {
+    scaler_.restore(state.scale, state.growth_tracker, state.skipped);
+    skipped_ = state.skipped;
+  }
 }
 
 bool SyncEngine::collective_save() const {
@@ -303,7 +460,15 @@ bool SyncEngine::collective_save() const {
 }
 
 void SyncEngine::gather_state_for_save() {
-  if (collective_save()) sync_->gather_state_for_save(flat_opt_.get());
+  if (!collective_save()) return;
+  sync_->gather_state_for_save(flat_opt_.get());
+  if (master_.defined() && !ctx_.solo) {
+    // Sharded: each rank stepped its shard of the master weights; rank 0 saves all of them.
+    torch::NoGradGuard no_grad;
+    const std::int64_t begin = sync_->step_begin();
+    torch::Tensor mine = master_.narrow(0, begin, sync_->step_end() - begin);
+    comm_.allgather(master_, mine);
+  }
 }
 
 void SyncEngine::release_saved_state() {

@@ -20,6 +20,7 @@
 
 #include "mpu/communicator.h"
 #include "mpu/flat_buffer.h"
+#include "mpu/precision.h"
 #include "mpu/updater.h"
 #include "optim/optimizer_traits.h"
 #include "sync/bucket_scheduler.h"
@@ -36,6 +37,15 @@ void check_options(const UpdaterOptions& options, const char* who);
 
 /// The number of gradients the optimizer's rescaling counts: ranks x accumulation steps.
 int gradients_per_step(int world_size, const UpdaterOptions& options);
+
+/// The precision state of a snapshot (see SyncEngine::save_precision).
+struct PrecisionState {
+  torch::Tensor master;  // fp32 master weights; undefined: none
+  bool has_scaler = false;
+  double scale = 1.0;
+  std::int64_t growth_tracker = 0;
+  std::int64_t skipped = 0;
+};
 
 /// One rank's share of a data-parallel step. What differs between strategies lives in a
 /// `GradSync` (sync/strategy.h); the bucket bookkeeping in a `BucketScheduler`.
@@ -91,6 +101,21 @@ class SyncEngine {
   std::size_t bucket_count() const { return buckets_ ? buckets_->size() : 0; }
   const FlatBuffer& flat() const { return flat_; }
 
+  /// The factor the loss is multiplied by before backward: the loss scale under the fp16
+  /// policies, else 1.
+  double loss_scale() const { return scaling_ ? scaler_.scale() : 1.0; }
+  /// The precision state a snapshot needs beyond the model and the optimizer: the fp32 master
+  /// weights (mixed policies; complete after `gather_state_for_save` under Sharded) and the
+  /// loss scaler (fp16 policies). Written by the rank that saves.
+  void save_precision(torch::serialize::OutputArchive& archive) const;
+  /// What `save_precision` wrote, read for `apply_precision`; throws `InvalidArgument` when
+  /// the policy needs state the archive lacks.
+  static PrecisionState read_precision(torch::serialize::InputArchive& archive,
+                                       const UpdaterOptions& options);
+  /// Takes a loaded state on this rank; `broadcast_parameters()` then hands rank 0's to the
+  /// others.
+  void apply_precision(const PrecisionState& state);
+
  private:
   struct HookTarget;
 
@@ -99,6 +124,7 @@ class SyncEngine {
   void on_gradient_ready(std::size_t entry);
   void launch(std::size_t bucket);
   void reduce_gradients();
+  void unscale_gradients(double factor);
   bool gradients_finite();
   void check_drift(std::int64_t iteration);
   void join_buckets();
@@ -107,7 +133,12 @@ class SyncEngine {
   torch::optim::Optimizer& optimizer_;
   Communicator& comm_;
   bool skip_nonfinite_;
+  Precision precision_;
+  bool scaling_;        // dynamic loss scaling (fp16 policies)
+  LossScaler scaler_;   // every rank's copy follows the verdict all ranks agreed on
+  torch::Tensor master_;  // mixed policies, on the ranks that step: the fp32 master weights
   std::int64_t drift_interval_;
+  Strategy strategy_;
   FlatBuffer flat_;
   SyncContext ctx_;
   std::unique_ptr<GradSync> sync_;

@@ -6,6 +6,8 @@
 #include "mpu/error.h"
 #include "mpu/extensions.h"
 
+#include "misc/torch_compat.h"
+
 namespace mpu {
 
 IteratorBatchSource::IteratorBatchSource(std::shared_ptr<Iterator> iterator)
@@ -98,6 +100,9 @@ std::map<std::string, double> Evaluator::evaluate(Updater& updater) {
       {
         ObservationScope observe(observation);
         ReportScope prefix(scope);
+        const Precision policy = updater.precision();
+        detail::AutocastScope autocast(updater.device().type(), compute_dtype(policy),
+                                       uses_autocast(policy));
         loss_fn_(on_device);
       }
       sums.add(observation, weight);

@@ -214,6 +214,8 @@ void MultiprocessParallelUpdater::start() {
       comm_ = make_gloo_communicator(workers_->store->store, 0, n, options_.timeout);
     }
     step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
+    if (pending_precision_) step_->apply_precision(*pending_precision_);
+    pending_precision_.reset();
     step_->broadcast_parameters();
     step_->broadcast_buffers();
   } catch (const std::exception& e) {
@@ -301,6 +303,7 @@ void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive)
     step_->gather_state_for_save();
   }
   detail::save_state(archive, *model_, optimizer_, *iterators_[0], iteration_);
+  if (step_) step_->save_precision(archive);
   if (step_) step_->release_saved_state();
   // The workers' iterators advance in the workers; ask them for their state.
   for (std::size_t k = 1; k < iterators_.size(); ++k) {
@@ -320,6 +323,7 @@ void MultiprocessParallelUpdater::save(torch::serialize::OutputArchive& archive)
 void MultiprocessParallelUpdater::load(torch::serialize::InputArchive& archive) {
   check_usable(workers_.get(), finalized_, "load()");
   const torch::Device device = workers_ ? devices_[0] : torch::Device(torch::kCPU);
+  auto precision = detail::SyncEngine::read_precision(archive, options_);
   iteration_ = detail::load_state(archive, *model_, optimizer_, *iterators_[0], device);
   std::vector<std::string> blobs(iterators_.size());
   for (std::size_t k = 1; k < iterators_.size(); ++k) {
@@ -332,7 +336,12 @@ void MultiprocessParallelUpdater::load(torch::serialize::InputArchive& archive) 
                     static_cast<std::size_t>(c.numel()));
     if (!workers_) detail::deserialize(blobs[k], [&](auto& a) { iterators_[k]->load(a); });
   }
-  if (!workers_) return;  // the workers fork from the loaded state
+  if (!workers_) {
+    // The workers fork from the loaded state; the engine, built then, takes the precision
+    // state.
+    pending_precision_ = std::make_unique<detail::PrecisionState>(std::move(precision));
+    return;
+  }
   try {
     const std::string state = options_.strategy == Strategy::kMasterStep
                                   ? std::string()
@@ -345,6 +354,7 @@ void MultiprocessParallelUpdater::load(torch::serialize::InputArchive& archive) 
     }
     step_.reset();
     step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
+    step_->apply_precision(precision);
     step_->broadcast_parameters();
     step_->broadcast_buffers();
   } catch (const std::exception& e) {

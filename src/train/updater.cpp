@@ -1,6 +1,7 @@
 #include "mpu/updater.h"
 
 #include "mpu/communicator.h"
+#include "misc/torch_compat.h"
 #include "mpu/error.h"
 #include "sync/sync_engine.h"
 #include "train/updater_common.h"
@@ -36,20 +37,27 @@ namespace detail {
 
 torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options,
                                const LossFunction& loss_fn, const torch::Device& device,
-                               const std::function<void()>& zero_grad) {
+                               const std::function<void()>& zero_grad, double loss_scale) {
   const Batch batch = iterator.next();
   const Batch on_device =
       options.converter ? options.converter(batch, device) : to_device(batch, device);
   torch::Tensor loss;
   {
     ReportScope scope("main");
+    // The forward under autocast; backward outside it, as torch.autocast recommends.
+    AutocastScope autocast(device.type(), compute_dtype(options.precision),
+                           uses_autocast(options.precision));
     loss = loss_fn(on_device);
   }
   MPU_CHECK(loss.defined() && loss.numel() == 1,
             "update: the loss function must return a tensor with one element, got ",
             loss.defined() ? cat(loss.sizes()) : std::string("an undefined tensor"));
   zero_grad();
-  loss.backward();
+  if (loss_scale != 1.0) {
+    (loss.to(torch::kFloat) * loss_scale).backward();
+  } else {
+    loss.backward();
+  }
   return loss;
 }
 
@@ -59,9 +67,12 @@ void data_parallel_step(Iterator& iterator, const UpdaterOptions& options,
   const int k = options.accumulation_steps;
   for (int m = 0; m < k; ++m) {
     engine.arm(m == k - 1);
-    forward_backward(iterator, options, loss_fn, device, [&] {
-      if (m == 0) engine.zero_grad();
-    });
+    forward_backward(
+        iterator, options, loss_fn, device,
+        [&] {
+          if (m == 0) engine.zero_grad();
+        },
+        engine.loss_scale());
   }
   engine.finish(iteration);
 }
@@ -125,9 +136,27 @@ StandardUpdater::StandardUpdater(std::shared_ptr<torch::nn::Module> model,
   model_->to(device_);
   detail::move_optimizer_state(optimizer_, device_);
   apply_scaling(optimizer_, detail::gradients_per_step(1, options_), options_.scaling);
+  make_engine();
+}
+
+StandardUpdater::~StandardUpdater() = default;
+
+// The precision policies take the data-parallel step path on a one-rank communicator: the
+// same master weights, loss scaling and flat step as n processes, with nothing sent.
+void StandardUpdater::make_engine() {
+  if (options_.precision == Precision::kFp32) return;
+  if (!local_) local_ = make_local_communicator(device_);
+  step_.reset();
+  step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *local_, options_);
 }
 
 void StandardUpdater::update() {
+  if (step_) {
+    detail::data_parallel_step(*iterator_, options_, loss_fn_, device_, *step_, iteration_ + 1);
+    ++iteration_;
+    if (iterator_->is_new_epoch() && options_.on_new_epoch) options_.on_new_epoch(*this);
+    return;
+  }
   const int k = options_.accumulation_steps;
   for (int m = 0; m < k; ++m) {
     detail::forward_backward(*iterator_, options_, loss_fn_, device_, [&] {
@@ -157,10 +186,24 @@ bool StandardUpdater::is_new_epoch() const {
 
 void StandardUpdater::save(torch::serialize::OutputArchive& archive) {
   detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);
+  if (step_) step_->save_precision(archive);
 }
 
 void StandardUpdater::load(torch::serialize::InputArchive& archive) {
+  const auto precision = detail::SyncEngine::read_precision(archive, options_);
   iteration_ = detail::load_state(archive, *model_, optimizer_, *iterator_, device_);
+  if (!step_) return;
+  make_engine();
+  step_->apply_precision(precision);
+  step_->broadcast_parameters();
+}
+
+std::int64_t StandardUpdater::skipped_steps() const {
+  return step_ ? step_->skipped_steps() : 0;
+}
+
+double StandardUpdater::loss_scale() const {
+  return step_ ? step_->loss_scale() : 1.0;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -238,15 +281,18 @@ bool DistributedUpdater::collective_save() const {
 void DistributedUpdater::save(torch::serialize::OutputArchive& archive) {
   step_->gather_state_for_save();
   detail::save_state(archive, *model_, optimizer_, *iterator_, iteration_);
+  step_->save_precision(archive);
   step_->release_saved_state();
 }
 
 void DistributedUpdater::load(torch::serialize::InputArchive& archive) {
+  const auto precision = detail::SyncEngine::read_precision(archive, options_);
   iteration_ = detail::load_state(archive, *model_, optimizer_, *iterator_, comm_->device());
   // Loading replaced the parameters' storage and the optimizer's state; rebuild the flat
   // views and the flat optimizer state, then agree with rank 0.
   step_.reset();
   step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
+  step_->apply_precision(precision);
   step_->broadcast_parameters();
   step_->broadcast_buffers();
 }

@@ -58,11 +58,12 @@ inline void zero_grads(torch::nn::Module& model) {
   }
 }
 
-/// Next batch, converter, loss (under the reporter scope "main"), `zero_grad()`, backward.
+/// Next batch, converter, loss (under the reporter scope "main" and, for the precision policies,
+/// autocast), `zero_grad()`, backward of the loss times `loss_scale`.
 /// Returns the loss.
 torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options,
                                const LossFunction& loss_fn, const torch::Device& device,
-                               const std::function<void()>& zero_grad);
+                               const std::function<void()>& zero_grad, double loss_scale = 1.0);
 
 class SyncEngine;
 
