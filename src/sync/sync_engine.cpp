@@ -84,6 +84,13 @@ FlatBufferOptions flat_options(const std::optional<torch::Dtype>& dtype) {
   return o;
 }
 
+// The flat buffer over the parameters as the policy trains them (cast first, then packed).
+FlatBuffer policy_flat(torch::nn::Module& model, const UpdaterOptions& options) {
+  auto named = policy_parameters(model, options);
+  const auto dtype = common_dtype(named);
+  return FlatBuffer(std::move(named), flat_options(dtype));
+}
+
 class GradientReadyHook : public torch::autograd::FunctionPostHook {
  public:
   explicit GradientReadyHook(std::function<void()> fn) : fn_(std::move(fn)) {}
@@ -133,7 +140,7 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
       scaler_(options.loss_scale),
       drift_interval_(options.drift_check_interval),
       strategy_(options.strategy),
-      flat_(policy_parameters(model, options), flat_options(common_dtype(reversed_parameters(model)))),
+      flat_(policy_flat(model, options)),
       ctx_(comm, flat_),
       hook_target_(std::make_shared<HookTarget>()) {
   check_options(options, "SyncEngine");
