@@ -27,7 +27,7 @@ namespace {
 
 // LibTorch (2.x, with GPUs visible) marks a process forked after the parent's autograd threads
 // started, that is after any backward() there, and refuses backward() in it. Found out here,
-// before the rendezvous, with what to do, rather than as a stack trace at the first step.
+// once the workers are up, with what to do, rather than as a stack trace at the first step.
 void check_autograd_after_fork(int k) {
   std::string refused;
   try {
@@ -62,7 +62,6 @@ void check_autograd_after_fork(int k) {
     // The fork left this process with the forking thread only. GNU OpenMP does not survive
     // fork(): one intra-op thread, as torchrun's default, before any op runs.
     at::set_num_threads(1);
-    check_autograd_after_fork(k);
     // Workers follow the master: they leave when it says so or when it is gone, not on the
     // Ctrl-C or SIGTERM meant for the job, so that the master can still save their state.
     ::signal(SIGINT, SIG_IGN);
@@ -95,6 +94,9 @@ void check_autograd_after_fork(int k) {
     step = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm, options_);
     step->broadcast_parameters();
     step->broadcast_buffers();
+    // After the start-up collectives, so that the master, which watches its workers from
+    // here on, names this failure at its next update() instead of waiting out a timeout.
+    check_autograd_after_fork(k);
     Iterator& iterator = *iterators_[k];
     std::int64_t iteration = iteration_;
     for (;;) {
