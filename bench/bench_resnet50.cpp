@@ -1,7 +1,8 @@
 // Training throughput of torchvision's ResNet-50 (the ResNet example's torch::nn copy) under
 // mpu::DistributedUpdater, for every strategy, precision and process count asked for:
 //
-//   bench_resnet50 [--gpus 1,2,4] [--precision fp32,bf16_autocast,bf16_mixed,fp16_mixed] [--strategy master,replicated,sharded]
+//   bench_resnet50 [--gpus 1,2,4] [--precision fp32,bf16_autocast,bf16_mixed,fp16_mixed]
+//   [--strategy master,replicated,sharded]
 //                  [--batch-size 64] [--warmup 10] [--iters 30] [--json FILE] [--device cpu]
 //                  [--image-size 224] [--arch resnet50] ...        (--help lists them all)
 //
@@ -270,7 +271,7 @@ void run_rank(const mpu::SpawnContext& ctx, const Options& o, const Row& row,
   uo.wire_dtype = o.wire_dtype == "param" ? gradient_dtype(row.precision) : dtype_of(o.wire_dtype);
   const std::string wire = uo.wire_dtype == torch::kBFloat16 ? "bf16"
                            : uo.wire_dtype == torch::kHalf   ? "fp16"
-                                                              : "fp32";
+                                                             : "fp32";
   if (is_policy(row.precision)) uo.precision = mpu::parse_precision(row.precision);
   uo.flat_step = !o.no_flat_step;
   uo.converter = [images, labels](const mpu::Batch&, const torch::Device&) {

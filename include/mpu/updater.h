@@ -228,7 +228,7 @@ class StandardUpdater : public Updater {
   torch::Device device_;
   UpdaterOptions options_;
   std::int64_t iteration_ = 0;
-  std::shared_ptr<Communicator> local_;        // precision policies: one rank, nothing sent
+  std::shared_ptr<Communicator> local_;       // precision policies: one rank, nothing sent
   std::unique_ptr<detail::SyncEngine> step_;  // null under fp32
   void make_engine();
 };

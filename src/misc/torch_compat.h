@@ -2,9 +2,9 @@
 // wheel) differ for torch-mpu. Everything else includes this header and stays version-free.
 #pragma once
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 #include <torch/version.h>
-#include <ATen/autocast_mode.h>
 
 #include <sstream>
 #include <string>
@@ -73,10 +73,18 @@ class AutocastScope {
  private:
   bool cuda() const { return device_type_ == c10::DeviceType::CUDA; }
 #if TORCH_VERSION_MAJOR >= 2
-  bool is_enabled() const { return at::autocast::is_autocast_enabled(device_type_); }
-  void set_enabled(bool on) const { at::autocast::set_autocast_enabled(device_type_, on); }
-  at::ScalarType get_dtype() const { return at::autocast::get_autocast_dtype(device_type_); }
-  void set_dtype(at::ScalarType d) const { at::autocast::set_autocast_dtype(device_type_, d); }
+  bool is_enabled() const {
+    return at::autocast::is_autocast_enabled(device_type_);
+  }
+  void set_enabled(bool on) const {
+    at::autocast::set_autocast_enabled(device_type_, on);
+  }
+  at::ScalarType get_dtype() const {
+    return at::autocast::get_autocast_dtype(device_type_);
+  }
+  void set_dtype(at::ScalarType d) const {
+    at::autocast::set_autocast_dtype(device_type_, d);
+  }
 #else
   bool is_enabled() const {
     return cuda() ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled();

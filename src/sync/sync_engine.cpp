@@ -197,7 +197,7 @@ SyncEngine::SyncEngine(torch::nn::Module& model, torch::optim::Optimizer& optimi
                                                   sync_->step_begin(), sync_->step_end(), fo);
     }
   } else if (sync_->steps_here() && zero_copy && supported &&
-      (options.flat_step || sync_->needs_flat_step())) {
+             (options.flat_step || sync_->needs_flat_step())) {
     flat_opt_ = std::make_unique<FlatOptimizer>(optimizer_, flat_.flat_data(), flat_.flat_grad(),
                                                 sync_->step_begin(), sync_->step_end());
   } else if (sync_->steps_here() && options.flat_step && !supported) {
@@ -420,7 +420,7 @@ void SyncEngine::save_precision(torch::serialize::OutputArchive& archive) const 
 }
 
 PrecisionState SyncEngine::read_precision(torch::serialize::InputArchive& archive,
-                                                      const UpdaterOptions& options) {
+                                          const UpdaterOptions& options) {
   PrecisionState out;
   if (options.precision == Precision::kFp32) return out;
   const std::string policy = to_string(options.precision);
@@ -428,15 +428,16 @@ PrecisionState SyncEngine::read_precision(torch::serialize::InputArchive& archiv
   MPU_CHECK(archive.try_read("precision", state), "load: the snapshot has no precision state; it ",
             "was written under the fp32 policy, and this updater trains under ", policy);
   torch::Tensor written;
-  MPU_CHECK(state.try_read("policy", written), "load: the snapshot's precision state has no policy");
+  MPU_CHECK(state.try_read("policy", written),
+            "load: the snapshot's precision state has no policy");
   const auto was = static_cast<Precision>(written.item<std::int64_t>());
   MPU_CHECK(has_master_weights(was) == has_master_weights(options.precision) &&
                 uses_loss_scaling(was) == uses_loss_scaling(options.precision),
             "load: the snapshot was written under precision ", to_string(was),
             ", this updater trains under ", policy);
   if (has_master_weights(options.precision)) {
-    MPU_CHECK(state.try_read("master_weights", out.master),
-              "load: the snapshot (", policy, ") has no fp32 master weights");
+    MPU_CHECK(state.try_read("master_weights", out.master), "load: the snapshot (", policy,
+              ") has no fp32 master weights");
   }
   if (uses_loss_scaling(options.precision)) {
     LossScaler scaler(options.loss_scale);

@@ -134,8 +134,8 @@ class SyncEngine {
   Communicator& comm_;
   bool skip_nonfinite_;
   Precision precision_;
-  bool scaling_;        // dynamic loss scaling (fp16 policies)
-  LossScaler scaler_;   // every rank's copy follows the verdict all ranks agreed on
+  bool scaling_;          // dynamic loss scaling (fp16 policies)
+  LossScaler scaler_;     // every rank's copy follows the verdict all ranks agreed on
   torch::Tensor master_;  // mixed policies, on the ranks that step: the fp32 master weights
   std::int64_t drift_interval_;
   Strategy strategy_;

@@ -1,7 +1,7 @@
 #include "mpu/updater.h"
 
-#include "mpu/communicator.h"
 #include "misc/torch_compat.h"
+#include "mpu/communicator.h"
 #include "mpu/error.h"
 #include "sync/sync_engine.h"
 #include "train/updater_common.h"
