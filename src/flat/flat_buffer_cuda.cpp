@@ -10,24 +10,14 @@
 
 #include "cuda/flat_kernels.h"
 #include "flat/flat_buffer_detail.h"
+#include "flat/kernel_dtype.h"
 #include "mpu/error.h"
 
 namespace mpu::detail {
 namespace {
 
 kernels::FlatDtype kernel_dtype(torch::Dtype dtype) {
-  switch (dtype) {
-    case torch::kFloat:
-      return kernels::FlatDtype::kFloat32;
-    case torch::kHalf:
-      return kernels::FlatDtype::kFloat16;
-    case torch::kBFloat16:
-      return kernels::FlatDtype::kBFloat16;
-    case torch::kDouble:
-      return kernels::FlatDtype::kFloat64;
-    default:
-      MPU_THROW(InvalidArgument, "FlatBuffer (CUDA): dtype ", dtype, " has no kernel");
-  }
+  return detail::kernel_dtype(dtype, "FlatBuffer (CUDA)");
 }
 
 kernels::FlatMode kernel_mode(FlatSlotMode mode) {

@@ -10,22 +10,14 @@
 #include <cstdint>
 
 #include "cuda/fused_step.h"
+#include "flat/kernel_dtype.h"
 #include "optim/flat_optimizer_impl.h"
 
 namespace mpu {
 namespace {
 
 kernels::FlatDtype kernel_dtype(torch::ScalarType t) {
-  switch (t) {
-    case torch::kFloat:
-      return kernels::FlatDtype::kFloat32;
-    case torch::kHalf:
-      return kernels::FlatDtype::kFloat16;
-    case torch::kBFloat16:
-      return kernels::FlatDtype::kBFloat16;
-    default:
-      MPU_THROW(InvalidArgument, "FlatOptimizer::step (fused): dtype ", t, " has no kernel");
-  }
+  return detail::kernel_dtype(t, "FlatOptimizer::step (fused)");
 }
 
 // The state slots of the kernel (see kernels::FusedStepArgs), by name.
