@@ -47,6 +47,7 @@ struct LossScaleOptions {
   double growth_factor = 2.0;
   /// Multiplies the scale after a step whose gradients overflowed (that step is skipped).
   double backoff_factor = 0.5;
+  /// Overflow-free steps in a row after which the scale grows.
   std::int64_t growth_interval = 2000;
 };
 
@@ -54,6 +55,7 @@ struct LossScaleOptions {
 /// agreed on, so the copies stay equal without being sent.
 class LossScaler {
  public:
+  /// Starts at `options.init_scale`; throws `mpu::InvalidArgument` for options out of range.
   explicit LossScaler(LossScaleOptions options = {});
   /// The current scale.
   double scale() const { return scale_; }
@@ -67,10 +69,12 @@ class LossScaler {
   /// After a step: `overflowed` backs the scale off (and counts a skipped step), otherwise
   /// counts towards growth.
   void update(bool overflowed);
+  /// Writes the scale, the growth tracker and the skipped steps into `archive`.
   void save(torch::serialize::OutputArchive& archive) const;
   /// Reads what `save` wrote; throws `mpu::InvalidArgument` when a value is missing or out of
   /// range.
   void load(torch::serialize::InputArchive& archive);
+  /// The options it was built with.
   const LossScaleOptions& options() const { return options_; }
 
  private:
