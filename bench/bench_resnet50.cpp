@@ -82,6 +82,7 @@ struct Options {
   double bucket_mb = -1;  // < 0: mpu::kDefaultBucketBytes
   std::string wire_dtype = "fp32";
   bool no_flat_step = false;
+  bool channels_last = false;  // the batch in channels_last (convolutions follow its format)
   int threads = 1;  // intra-op threads of each CPU rank
   int row_time_limit = 900;
   std::uint64_t seed = 0;
@@ -249,7 +250,9 @@ void run_rank(const mpu::SpawnContext& ctx, const Options& o, const Row& row,
   const auto on_device = torch::TensorOptions().device(device);
   const torch::Tensor images =
       torch::randn({o.batch_size, 3, o.image_size, o.image_size}, on_device.dtype(torch::kFloat))
-          .to(dtype);
+          .to(dtype)
+          .contiguous(o.channels_last ? at::MemoryFormat::ChannelsLast
+                                      : at::MemoryFormat::Contiguous);
   const torch::Tensor labels =
       torch::randint(o.classes, {o.batch_size}, on_device.dtype(torch::kLong));
   auto placeholders = std::make_shared<mpu::TensorDataset>(
@@ -375,6 +378,8 @@ std::string document(const Options& o, const std::string& device_kind,
       << ",\n  \"updater\": {\"bucket_bytes\": " << bucket_bytes_of(o)
       << ", \"wire_dtype\": " << json_string(o.wire_dtype)
       << ", \"flat_step\": " << (o.no_flat_step ? "false" : "true") << "}"
+      << ",\n  \"memory_format\": "
+      << json_string(o.channels_last ? "channels_last" : "contiguous")
       << ",\n  \"results\": [";
   for (std::size_t i = 0; i < rows.size(); ++i) out << (i > 0 ? ",\n    " : "\n    ") << rows[i];
   out << "\n  ]\n}\n";
@@ -514,6 +519,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--no-flat-step", o.no_flat_step,
                "Step the optimizer per parameter instead of over the flat buffer");
+  app.add_flag("--channels-last", o.channels_last,
+               "Make the batch channels_last; cuDNN then runs every convolution in that format "
+               "(the parameters stay contiguous views into the flat buffer)");
   app.add_option("--threads", o.threads, "Intra-op threads of each CPU process")
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();

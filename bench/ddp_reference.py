@@ -5,6 +5,7 @@ data and timing as the C++ benchmark, writing JSON in the same schema.
 
 usage: bench/ddp_reference.py [--gpus 1,2,4] [--precision fp32,bf16_autocast,fp16_autocast]
                               [--batch-size 64] [--warmup 10] [--iters 30] [--json FILE]
+                              [--channels-last] [--no-floor]
                               [--device cpu --arch resnet18 --image-size 32]   (a CPU smoke run)
 
 Precisions (--precision, comma-separated; each is one row per process count):
@@ -35,6 +36,16 @@ max_memory_reserved over the whole process, and the bytes of the optimizer's sta
 fp16_autocast the final loss scale and the steps GradScaler skipped. (GradScaler.step reads its
 overflow flag on the host, a synchronisation per step: that is what its default settings cost,
 and it is timed.) A row that fails is recorded with its error and the next one runs.
+
+The forward/backward floor (on unless --no-floor): after the timed steps, each rank times --iters
+more iterations of forward, loss and backward alone on the bare model (no DDP, no optimizer, no
+GradScaler; gradients set to None before each), under the same autocast. Its images/s
+("floor_images_per_s", slowest rank) is what any data-parallel trainer running these same
+kernels could reach at most, so floor / DDP is the ceiling of a speed-up over DDP that does not
+come from faster forward or backward kernels.
+
+--channels-last converts the model (model.to(memory_format=torch.channels_last)) and the batch,
+as PyTorch's performance guide advises for convolutions in reduced precision.
 
 --device cpu runs the same on CPU processes over Gloo (no memory figures; bf16_autocast under
 torch.autocast("cpu", dtype=torch.bfloat16)), to check the script where there is no GPU; the
@@ -107,7 +118,9 @@ def run_rank(rank, world, args, precision, port, result_path):
         dtype = getattr(torch, param_name)
         autocast_dtype = getattr(torch, autocast_name) if autocast_name else None
 
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         model = getattr(torchvision.models, args.arch)(num_classes=args.classes).to(device=device, dtype=dtype)
+        model = model.to(memory_format=memory_format)
         parameters = sum(p.numel() for p in model.parameters())
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -115,6 +128,7 @@ def run_rank(rank, world, args, precision, port, result_path):
         initial_scale = scaler.get_scale() if scaler is not None else None
 
         images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(dtype)
+        images = images.contiguous(memory_format=memory_format)
         labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
 
         def forward_loss():
@@ -150,8 +164,29 @@ def run_rank(rank, world, args, precision, port, result_path):
         synchronize()
         seconds = time.perf_counter() - start
 
+        floor_seconds = None
+        if not args.no_floor:
+            def compute_only():
+                for p in model.parameters():
+                    p.grad = None
+                if autocast_dtype is None:
+                    floor_loss = F.cross_entropy(model(images).float(), labels)
+                else:
+                    with torch.autocast(device.type, dtype=autocast_dtype):
+                        floor_loss = F.cross_entropy(model(images).float(), labels)
+                floor_loss.backward()
+
+            compute_only()
+            synchronize()
+            floor_start = time.perf_counter()
+            for _ in range(args.iters):
+                compute_only()
+            synchronize()
+            floor_seconds = time.perf_counter() - floor_start
+
         mine = {
             "seconds": seconds,
+            "floor_seconds": floor_seconds,
             "peak_allocated": torch.cuda.max_memory_allocated(device) if cuda else -1,
             "peak_reserved": torch.cuda.max_memory_reserved(device) if cuda else -1,
             "optimizer_state": optimizer_state_bytes(optimizer),
@@ -169,12 +204,15 @@ def run_rank(rank, world, args, precision, port, result_path):
         if rank == 0:
             seconds_all = [r["seconds"] for r in everyone]
             slowest = max(seconds_all)
+            floors = [r["floor_seconds"] for r in everyone if r["floor_seconds"] is not None]
             final_loss = loss.item()
             row = {
                 "ok": True,
                 "images_per_s": world * args.batch_size * args.iters / slowest,
                 "seconds": slowest,
                 "rank_seconds": seconds_all,
+                "floor_images_per_s": world * args.batch_size * args.iters / max(floors) if floors else None,
+                "memory_format": "channels_last" if args.channels_last else "contiguous",
                 "peak_allocated_bytes": [r["peak_allocated"] for r in everyone],
                 "peak_reserved_bytes": [r["peak_reserved"] for r in everyone],
                 "optimizer_state_bytes": [r["optimizer_state"] for r in everyone],
@@ -191,7 +229,9 @@ def run_rank(rank, world, args, precision, port, result_path):
                 json.dump(row, f)
             peak = max(row["peak_allocated_bytes"])
             print(f"ddp_reference: {world} x {row['device_name']}, {precision}, ddp: "
-                  f"{row['images_per_s']:.1f} images/s, loss {final_loss:.3f}"
+                  f"{row['images_per_s']:.1f} images/s"
+                  + (f" (forward/backward alone {row['floor_images_per_s']:.1f})" if floors else "")
+                  + f", loss {final_loss:.3f}"
                   + (f", peak {peak / 1e9:.2f} GB allocated" if peak >= 0 else "")
                   + f", optimizer state {max(row['optimizer_state_bytes']) / 1e6:.1f} MB on the fullest rank"
                   + (f", loss scale {scaling['loss_scale']:g} ({scaling['skipped_steps']} steps skipped)"
@@ -226,6 +266,7 @@ def document(args, rows):
         "iters": args.iters,
         "optimizer": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
         "updater": {"ddp_bucket_cap_mb": 25, "gradient_as_bucket_view": False},
+        "memory_format": "channels_last" if args.channels_last else "contiguous",
         "precisions": {q: {"param_dtype": WIRE_NAME[PRECISIONS[q][0]],
                            "autocast_dtype": WIRE_NAME[PRECISIONS[q][1]] if PRECISIONS[q][1] else None,
                            "loss_scaling": "torch.amp.GradScaler defaults" if PRECISIONS[q][2] else None}
@@ -267,6 +308,8 @@ def main():
                    help="cpu: Gloo processes, to check the script without GPUs")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of each CPU process")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels-last", action="store_true", help="model and batch in channels_last")
+    p.add_argument("--no-floor", action="store_true", help="skip the forward/backward floor")
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     args = p.parse_args()
     if args.iters < 1 or args.warmup < 0 or args.batch_size < 1:

@@ -155,6 +155,11 @@ class Results:
         this = self.ips(strategy, precision, n)
         return this / ddp if ddp and this else None
 
+    def floor(self, precision, n):
+        """DDP's forward/backward alone (bench/ddp_reference.py's floor), images/s, or None."""
+        row = self.ok.get(("ddp", precision, n))
+        return (row or {}).get("floor_images_per_s")
+
     def state(self, strategy, precision, n):
         row = self.ok.get((strategy, precision, n))
         return max(row["optimizer_state_bytes"]) if row else None
@@ -226,10 +231,12 @@ def memory_table(r):
 def policy_table(r):
     """Each torch-mpu precision beside its DDP partner: images/s, the speed-up, and the peak
     memory of the fullest rank of both."""
+    floors = any(r.floor(partner, n) for partner in {ddp_partner(p) for p in r.precisions} for n in r.gpus)
     lines = ["| precision | torch-mpu strategy | GPUs | images/s | DDP precision | DDP images/s | × DDP "
-             f"| goal ≥ {GOAL_POLICY_VS_DDP:.2f}× | peak, torch-mpu (GiB per rank) | peak, DDP (GiB per rank) "
-             "| peak / DDP's |",
-             "|---|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+             f"| goal ≥ {GOAL_POLICY_VS_DDP:.2f}× "
+             + ("| DDP's forward/backward alone (images/s) | ceiling: alone / DDP " if floors else "")
+             + "| peak, torch-mpu (GiB per rank) | peak, DDP (GiB per rank) | peak / DDP's |",
+             "|---|---|---:|---:|---|---:|---:|---|" + ("---:|---:|" if floors else "") + "---:|---:|---:|"]
     rows = 0
     for p in r.precisions:
         partner = ddp_partner(p)
@@ -245,8 +252,11 @@ def policy_table(r):
                 goal = "–" if p not in POLICIES else met(None if ratio is None else ratio >= GOAL_POLICY_VS_DDP)
                 mine = r.peak(s, p, n)
                 theirs = r.peak("ddp", partner, n)
+                floor = r.floor(partner, n)
+                ceiling = (f"| {fmt(floor, '.1f')} | {fmt(floor / ddp_ips if floor and ddp_ips else None, '.3f', '×')} "
+                           if floors else "")
                 lines.append(f"| {p} | {s} | {n} | {ips:.1f} | {partner} | {fmt(ddp_ips, '.1f')} "
-                             f"| {fmt(ratio, '.3f', '×')} | {goal} | {fmt(gib(mine), '.2f')} "
+                             f"| {fmt(ratio, '.3f', '×')} | {goal} {ceiling}| {fmt(gib(mine), '.2f')} "
                              f"| {fmt(gib(theirs), '.2f')} | {fmt(mine / theirs if mine and theirs else None, '.3f')} |")
                 rows += 1
     return lines if rows else []
@@ -378,6 +388,15 @@ def rounds_text(mpu, ddp):
             f"(the mean of the middle two for an even count), the lowest and highest in brackets")
 
 
+def cl_text(mpu, ddp):
+    """The memory format, when a side ran channels_last; else empty."""
+    if (mpu or {}).get("memory_format") != "channels_last" and (ddp or {}).get("memory_format") != "channels_last":
+        return ""
+    return (", in channels_last (DDP: `model.to(memory_format=torch.channels_last)` and the batch; torch-mpu: "
+            "the batch, so that cuDNN runs every convolution in channels_last while the parameters stay "
+            "contiguous views into the flat buffer)")
+
+
 def precision_text(r):
     """What the precisions of the table mean, for those present; ends in a space when not empty."""
     text = {
@@ -421,7 +440,7 @@ def section(r, mpu, ddp, env, plotted):
         f"{arch_label(r)} ({parameters(r)} parameters, torchvision's architecture: `examples/resnet/models.cpp` "
         f"for torch-mpu, `torchvision.models` for DDP). Synthetic ImageNet-shaped data ({doc.get('image_size', '?')}×{doc.get('image_size', '?')}, "
         f"{doc.get('classes', '?')} classes), one batch of {doc.get('batch_size', '?')} per GPU made once on the "
-        f"device in the parameter dtype; SGD lr {opt.get('lr', '?')}, momentum {opt.get('momentum', '?')}, "
+        f"device in the parameter dtype{cl_text(mpu, ddp)}; SGD lr {opt.get('lr', '?')}, momentum {opt.get('momentum', '?')}, "
         f"weight decay {opt.get('weight_decay', '?')}. {precision_text(r)}{doc.get('warmup', '?')} "
         f"warm-up and {doc.get('iters', '?')} timed iterations, between device synchronisations; the slowest "
         f"rank's time; images/s = GPUs × batch × iterations / time"
