@@ -241,6 +241,8 @@ class StopIteration : public Error {
   using Error::Error;
 };
 
+class DeviceDataset;
+
 namespace detail {
 struct BatchPlan;
 struct Prefetcher;
@@ -276,6 +278,11 @@ struct PrefetcherDeleter {
 /// starts afresh; the batches are the same. A fork while the thread is collating can still
 /// inherit locks held inside the dataset or LibTorch, so fork before the first `next()`, or call
 /// `wait_idle()` first. The destructor joins the thread.
+///
+/// Over a `DeviceDataset` (mpu/device_data.h), the semantics are the same except for two
+/// things: `order(e)` is `device_epoch_order(N, seed, e, shuffle)`, drawn on the dataset's device,
+/// and the batch is formed there by `DeviceDataset::gather_segments`, without prefetching or
+/// pinning.
 ///
 /// An Iterator is used by one thread at a time. It is movable, not copyable.
 class Iterator {
@@ -333,13 +340,14 @@ class Iterator {
   void wait_idle();
 
  private:
-  detail::BatchPlan plan_next();
+  detail::BatchPlan plan_next(bool with_indices = true);
   const std::vector<std::int64_t>& order_of(std::int64_t epoch);
   void commit(const detail::BatchPlan& plan);
   detail::Prefetcher* live_prefetcher() noexcept;
   void discard_prefetch();
 
   DatasetPtr dataset_;
+  const DeviceDataset* device_ = nullptr;  // dataset_ when it forms its own batches
   IteratorOptions options_;
   std::int64_t size_ = 0;
   std::int64_t epoch_ = 0;

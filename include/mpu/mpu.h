@@ -7,6 +7,7 @@
 #include "mpu/config.h"
 #include "mpu/datasets.h"
 #include "mpu/defaults.h"
+#include "mpu/device_data.h"
 #include "mpu/error.h"
 #include "mpu/extensions.h"
 #include "mpu/flat_buffer.h"

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "misc/log.h"
+#include "mpu/device_data.h"
 
 namespace mpu {
 namespace {
@@ -205,7 +206,8 @@ DatasetPtr shard_dataset(const DatasetPtr& dataset, int rank, int world, std::ui
 namespace detail {
 
 struct BatchPlan {
-  std::vector<std::int64_t> indices;
+  std::vector<OrderSegment> segments;  // of the epoch orders, in order
+  std::vector<std::int64_t> indices;   // the segments' examples (empty for a DeviceDataset)
   std::vector<std::int64_t> epochs;
   // The iterator's state after this batch.
   std::int64_t epoch = 0;
@@ -326,6 +328,7 @@ Iterator::Iterator(DatasetPtr dataset, IteratorOptions options)
             "; need at least 1");
   size_ = dataset_->size();
   MPU_CHECK(size_ >= 1, "Iterator: the dataset is empty (size ", size_, ")");
+  device_ = dynamic_cast<const DeviceDataset*>(dataset_.get());
 }
 
 Iterator::~Iterator() noexcept = default;
@@ -350,20 +353,25 @@ const std::vector<std::int64_t>& Iterator::order_of(std::int64_t epoch) {
   return orders_.back().second;
 }
 
-detail::BatchPlan Iterator::plan_next() {
+detail::BatchPlan Iterator::plan_next(bool with_indices) {
   detail::BatchPlan plan;
   const std::int64_t batch = options_.batch_size();
-  plan.indices.reserve(static_cast<std::size_t>(batch));
-  plan.epochs.reserve(static_cast<std::size_t>(batch));
+  if (with_indices) {
+    plan.indices.reserve(static_cast<std::size_t>(batch));
+    plan.epochs.reserve(static_cast<std::size_t>(batch));
+  }
   std::int64_t epoch = epoch_;
   std::int64_t position = position_;
   std::int64_t need = batch;
   while (need > 0) {
     const std::int64_t take = std::min(need, size_ - position);
-    const auto& order = order_of(epoch);
-    plan.indices.insert(plan.indices.end(), order.begin() + position,
-                        order.begin() + position + take);
-    plan.epochs.insert(plan.epochs.end(), static_cast<std::size_t>(take), epoch);
+    plan.segments.push_back(OrderSegment{epoch, position, take});
+    if (with_indices) {
+      const auto& order = order_of(epoch);
+      plan.indices.insert(plan.indices.end(), order.begin() + position,
+                          order.begin() + position + take);
+      plan.epochs.insert(plan.epochs.end(), static_cast<std::size_t>(take), epoch);
+    }
     position += take;
     need -= take;
     if (position == size_) {
@@ -410,6 +418,13 @@ Batch Iterator::next() {
   if (finished()) {
     MPU_THROW(StopIteration, "Iterator::next: a non-repeating iterator has served its epoch of ",
               size_, " examples; call reset() to start again, or check finished()");
+  }
+  if (device_ != nullptr) {
+    // The dataset forms the batch on its device; the position moves only once it did.
+    const detail::BatchPlan plan = plan_next(/*with_indices=*/false);
+    Batch batch = device_->gather_segments(plan.segments, options_.seed(), options_.shuffle());
+    commit(plan);
+    return batch;
   }
   detail::Prefetcher* prefetcher = live_prefetcher();
   Batch batch;
