@@ -78,6 +78,8 @@ struct Config {
   std::int64_t warmup_iterations = 10;
   std::int64_t train_size = 0;  // 0: all
   int crop_padding = 2;
+  std::string data_on = "auto";  // auto: the device-resident path on GPUs
+  bool channels_last = false;
   int threads = 0;  // master's intra-op threads on CPUs; 0: 1 when CPU processes share cores
   std::uint64_t seed = 0;
 };
@@ -279,9 +281,20 @@ int run(Config c) {
     keep_freed_memory();  // the workers inherit it through fork()
     if (c.threads > 0 || n > 1) at::set_num_threads(c.threads > 0 ? c.threads : 1);
   }
+  // cuDNN picks the fastest convolution algorithms for the shapes of the first steps (a flag of
+  // the process, inherited by the workers; it does not initialise CUDA).
+  if (on_gpu) at::globalContext().setBenchmarkCuDNN(true);
   mpu::manual_seed(c.seed);  // CPU only: torch::manual_seed would initialise CUDA before the fork
 
   // --- Data ----------------------------------------------------------------------------------
+  // On GPUs the images live on each device (uint8), augmented there per batch; on CPUs, and
+  // with --data-on host, the host pipeline of transforms and a prefetching iterator.
+  if (c.data_on == "device" && !on_gpu) {
+    throw UsageError("--data-on device needs GPUs; this run uses CPU processes");
+  }
+  const bool device_data = on_gpu && !c.synthetic && c.data_on != "host";
+  mpu::DatasetPtr raw_train;  // device path: the untransformed images
+  mpu::DatasetPtr raw_test;
   mpu::DatasetPtr train;
   mpu::DatasetPtr test;
   std::int64_t in_channels = 1;
@@ -300,13 +313,15 @@ int run(Config c) {
       order.resize(static_cast<std::size_t>(c.train_size));
       base = std::make_shared<mpu::SubsetDataset>(base, std::move(order));
     }
+    raw_train = base;
+    raw_test = datasets::FashionMNIST(datasets::Split::Test, data_dir);
     train = datasets::transform(
         base,
         {datasets::RandomCrop(kImageSize, c.crop_padding), datasets::RandomHorizontalFlip(),
          datasets::Normalize(datasets::kFashionMnistMean, datasets::kFashionMnistStd)},
         c.seed);
     test = datasets::transform(
-        datasets::FashionMNIST(datasets::Split::Test, data_dir),
+        raw_test,
         {datasets::Normalize(datasets::kFashionMnistMean, datasets::kFashionMnistStd)});
   }
   if (train->size() < c.batch_size * n * c.accumulate) {
@@ -322,6 +337,7 @@ int run(Config c) {
   mo.num_classes = classes;
   mo.in_channels = in_channels;
   mo.small_input = !c.synthetic;
+  mo.channels_last = c.channels_last;
   std::shared_ptr<resnet::ClassifierImpl> model = resnet::make_model(c.arch, mo);
   const std::int64_t parameters = resnet::count_parameters(*model);
   // Parameters in the training dtype; the packing layer converts gradients and parameters to
@@ -344,7 +360,22 @@ int run(Config c) {
   if (is_policy(c.precision)) uo.precision = mpu::parse_precision(c.precision);
   uo.flat_step = !c.no_flat_step;
   uo.accumulation_steps = c.accumulate;
-  auto iterators = mpu::split_iterators(train, n, mpu::IteratorOptions(c.batch_size).seed(c.seed));
+  const auto placement = c.data_on == "device" ? datasets::Placement::kDevice
+                                               : datasets::Placement::kAuto;
+  const datasets::DeviceAugment normalise = datasets::DeviceAugment()
+                                                .mean({datasets::kFashionMnistMean})
+                                                .stddev({datasets::kFashionMnistStd});
+  auto iterators =
+      device_data
+          ? datasets::device_split_iterators(
+                raw_train, devices, mpu::IteratorOptions(c.batch_size).seed(c.seed),
+                datasets::DeviceDataOptions(devices.front())
+                    .augment(datasets::DeviceAugment(normalise)
+                                 .padding(c.crop_padding)
+                                 .flip(true)
+                                 .seed(c.seed))
+                    .placement(placement))
+          : mpu::split_iterators(train, n, mpu::IteratorOptions(c.batch_size).seed(c.seed));
   mpu::MultiprocessParallelUpdater updater(model, *optimizer, iterators, loss_fn, devices, uo);
   // The updater rescaled the optimizer for n processes; the schedule scales these values.
   std::vector<double> base_lr;
@@ -380,8 +411,28 @@ int run(Config c) {
     trainer.extend(mpu::ProgressBar(10));
   } else {
     auto test_it = std::make_shared<mpu::Iterator>(
-        test, mpu::IteratorOptions(512).repeat(false).shuffle(false));
-    trainer.extend(mpu::Evaluator(test_it, loss_fn));
+        device_data ? std::make_shared<datasets::DeviceImageDataset>(
+                          raw_test, datasets::DeviceDataOptions(devices.front())
+                                        .augment(normalise)
+                                        .placement(placement))
+                    : test,
+        mpu::IteratorOptions(1000).repeat(false).shuffle(false));
+    // The evaluation, timed apart from training (after the device finished the epoch's steps),
+    // so that "eval_seconds" (the total so far) can be taken off elapsed_time.
+    auto evaluator = std::make_shared<mpu::Evaluator>(test_it, loss_fn);
+    auto eval_seconds = std::make_shared<double>(0.0);
+    trainer.extend(mpu::make_extension(
+        "Evaluator",
+        [evaluator, eval_seconds, on_gpu](mpu::Trainer& t) {
+          if (on_gpu) torch::cuda::synchronize();
+          const auto start = std::chrono::steady_clock::now();
+          (*evaluator)(t);
+          if (on_gpu) torch::cuda::synchronize();
+          *eval_seconds +=
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          mpu::report("eval_seconds", *eval_seconds);
+        },
+        mpu::every_epochs(1), evaluator->priority()));
     trainer.extend(mpu::LogReport());
     trainer.extend(mpu::PrintReport({"epoch", "iteration", "main/loss", "main/accuracy",
                                      "validation/main/loss", "validation/main/accuracy", "lr",
@@ -583,6 +634,16 @@ int main(int argc, char** argv) {
   app.add_option("--crop-padding", c.crop_padding, "Zero padding of the random 28x28 crop")
       ->check(CLI::Range(0, 14))
       ->capture_default_str();
+  app.add_option("--data-on", c.data_on,
+                 "Where batches are formed: device (the images uploaded once to each GPU, "
+                 "augmented there by one kernel per batch; an error when they do not fit), host "
+                 "(transforms on the CPU, a prefetching iterator), or auto (device on GPUs when "
+                 "the images fit in half the free memory, else host, said in one line)")
+      ->check(CLI::IsMember({"auto", "device", "host"}))
+      ->capture_default_str();
+  app.add_flag("--channels-last", c.channels_last,
+               "Run the convolutions in channels_last (NHWC) memory format: the activations "
+               "are made channels_last after the stem");
   app.add_option("--threads", c.threads,
                  "Intra-op threads of the master process on CPUs (default: 1 with several CPU "
                  "processes; workers always use 1)")

@@ -122,7 +122,7 @@ torch::Tensor BottleneckImpl::forward(torch::Tensor x) {
 
 ResNetImpl::ResNetImpl(BlockKind kind, std::array<std::int64_t, 4> blocks,
                        const ModelOptions& options)
-    : small_input_(options.small_input) {
+    : small_input_(options.small_input), channels_last_(options.channels_last) {
   conv1_ = register_module(
       "conv1", small_input_ ? conv3x3(options.in_channels, in_planes_)
                             : nn::Conv2d(nn::Conv2dOptions(options.in_channels, in_planes_, 7)
@@ -156,7 +156,9 @@ nn::Sequential ResNetImpl::make_stage(BlockKind kind, std::int64_t planes, std::
 }
 
 torch::Tensor ResNetImpl::forward(torch::Tensor x) {
-  x = bn1_(conv1_(x)).relu_();
+  x = conv1_(x);
+  if (channels_last_) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  x = bn1_(x).relu_();
   if (!small_input_) x = torch::max_pool2d(x, 3, 2, 1);
   for (auto& stage : stages_) x = stage->forward(x);
   x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1);
@@ -164,7 +166,7 @@ torch::Tensor ResNetImpl::forward(torch::Tensor x) {
 }
 
 CifarResNetImpl::CifarResNetImpl(std::int64_t depth, const ModelOptions& options)
-    : blocks_per_stage_((depth - 2) / 6) {
+    : blocks_per_stage_((depth - 2) / 6), channels_last_(options.channels_last) {
   if (depth < 8 || (depth - 2) % 6 != 0) {
     throw std::invalid_argument("CifarResNet: depth " + std::to_string(depth) +
                                 " is not 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)");
@@ -186,7 +188,9 @@ CifarResNetImpl::CifarResNetImpl(std::int64_t depth, const ModelOptions& options
 }
 
 torch::Tensor CifarResNetImpl::forward(torch::Tensor x) {
-  x = bn1_(conv1_(x)).relu_();
+  x = conv1_(x);
+  if (channels_last_) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  x = bn1_(x).relu_();
   for (auto& stage : stages_) x = stage->forward(x);
   x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(1);
   return fc_(x);

@@ -36,6 +36,9 @@ struct ModelOptions {
   /// convolution without pooling, as in CIFAR variants of these networks. ResNet-20 always has
   /// the small stem.
   bool small_input = false;
+  /// Make the activations channels_last (NHWC) after the stem convolution, so that cuDNN runs
+  /// every later convolution and batch norm in that format (the weights stay contiguous).
+  bool channels_last = false;
 };
 
 /// torchvision's BasicBlock: 3x3 conv (stride) - BN - ReLU - 3x3 conv - BN, plus the shortcut
@@ -83,6 +86,7 @@ class ResNetImpl : public ClassifierImpl {
 
   std::int64_t in_planes_ = 64;
   bool small_input_;
+  bool channels_last_;
   torch::nn::Conv2d conv1_{nullptr};
   torch::nn::BatchNorm2d bn1_{nullptr};
   std::array<torch::nn::Sequential, 4> stages_{nullptr, nullptr, nullptr, nullptr};
@@ -102,6 +106,7 @@ class CifarResNetImpl : public ClassifierImpl {
 
  private:
   std::int64_t blocks_per_stage_;
+  bool channels_last_;
   torch::nn::Conv2d conv1_{nullptr};
   torch::nn::BatchNorm2d bn1_{nullptr};
   std::array<torch::nn::Sequential, 3> stages_{nullptr, nullptr, nullptr};
