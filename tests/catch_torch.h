@@ -8,3 +8,23 @@
 
 #undef CHECK
 #include <catch2/catch.hpp>
+
+#include "mpu/config.h"
+
+namespace mpu::test {
+
+/// True, with a visible reason, when this build or this machine has no CUDA: the first line of
+/// every "[cuda]" test case.
+inline bool skip_without_cuda() {
+  if (!MPU_HAS_CUDA) {
+    WARN("skipped: torch-mpu was built without CUDA");
+    return true;
+  }
+  if (!torch::cuda::is_available()) {
+    WARN("skipped: no CUDA device");
+    return true;
+  }
+  return false;
+}
+
+}  // namespace mpu::test

@@ -271,25 +271,10 @@ TEST_CASE("DeviceImageDataset: bad input names the argument and the value", "[de
 
 // --- CUDA ---------------------------------------------------------------------------------------
 
-namespace {
-
-bool skip_without_cuda() {
-  if (!MPU_HAS_CUDA) {
-    WARN("skipped: torch-mpu was built without CUDA");
-    return true;
-  }
-  if (!torch::cuda::is_available()) {
-    WARN("skipped: no CUDA device");
-    return true;
-  }
-  return false;
-}
-
-}  // namespace
 
 TEST_CASE("DeviceImageDataset on a GPU: the same bits as the CPU loops, placement, memory check",
           "[device_data][cuda]") {
-  if (skip_without_cuda()) return;
+  if (mpu::test::skip_without_cuda()) return;
   const torch::Device cuda(torch::kCUDA, 0);
   auto base = numbered_images(300, 2, 9, 7);
   const std::vector<OrderSegment> segs{OrderSegment{2, 250, 50}, OrderSegment{3, 0, 78}};
@@ -329,7 +314,7 @@ TEST_CASE("DeviceImageDataset on a GPU: the same bits as the CPU loops, placemen
 
 TEST_CASE("StandardUpdater over device-resident data: no host synchronisation on the step path",
           "[device_data][cuda]") {
-  if (skip_without_cuda()) return;
+  if (mpu::test::skip_without_cuda()) return;
 #if MPU_HAS_CUDA
   const torch::Device cuda(torch::kCUDA, 0);
   for (const auto precision :

@@ -852,21 +852,10 @@ TEST_CASE("flat_optimizer: master-weights mode checks its tensors", "[flat_optim
 
 // --- CUDA: the fused kernel ----------------------------------------------------------------------
 
-bool skip_without_cuda() {
-  if (!MPU_HAS_CUDA) {
-    WARN("skipped: torch-mpu was built without CUDA");
-    return true;
-  }
-  if (!torch::cuda::is_available()) {
-    WARN("skipped: no CUDA device");
-    return true;
-  }
-  return false;
-}
 
 TEST_CASE("flat_optimizer: fused CUDA step, fp32, every optimizer within the ulp bound",
           "[flat_optimizer][cuda][fused]") {
-  if (skip_without_cuda()) return;
+  if (mpu::test::skip_without_cuda()) return;
   const torch::Device cuda(torch::kCUDA, 0);
   std::int64_t worst_all = 0;
   for (const int split_at : {3, -1}) {
@@ -909,7 +898,7 @@ TEST_CASE("flat_optimizer: fused CUDA step, fp32, every optimizer within the ulp
 
 TEST_CASE("flat_optimizer: fused CUDA step, bf16 and fp16 master weights",
           "[flat_optimizer][cuda][fused][master]") {
-  if (skip_without_cuda()) return;
+  if (mpu::test::skip_without_cuda()) return;
   const torch::Device cuda(torch::kCUDA, 0);
   std::int64_t worst_all = 0;
   for (const auto dtype : {torch::kBFloat16, torch::kHalf}) {
@@ -949,7 +938,7 @@ TEST_CASE("flat_optimizer: fused CUDA step, bf16 and fp16 master weights",
 
 TEST_CASE("flat_optimizer: fused CUDA step keeps the optimizer's state a loadable checkpoint",
           "[flat_optimizer][cuda][fused]") {
-  if (skip_without_cuda()) return;
+  if (mpu::test::skip_without_cuda()) return;
   const torch::Device cuda(torch::kCUDA, 0);
   for (const auto& c : all_cases()) {
     INFO(c.name);
