@@ -271,7 +271,6 @@ TEST_CASE("DeviceImageDataset: bad input names the argument and the value", "[de
 
 // --- CUDA ---------------------------------------------------------------------------------------
 
-
 TEST_CASE("DeviceImageDataset on a GPU: the same bits as the CPU loops, placement, memory check",
           "[device_data][cuda]") {
   if (mpu::test::skip_without_cuda()) return;

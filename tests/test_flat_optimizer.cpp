@@ -852,7 +852,6 @@ TEST_CASE("flat_optimizer: master-weights mode checks its tensors", "[flat_optim
 
 // --- CUDA: the fused kernel ----------------------------------------------------------------------
 
-
 TEST_CASE("flat_optimizer: fused CUDA step, fp32, every optimizer within the ulp bound",
           "[flat_optimizer][cuda][fused]") {
   if (mpu::test::skip_without_cuda()) return;

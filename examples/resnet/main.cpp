@@ -321,8 +321,7 @@ int run(Config c) {
          datasets::Normalize(datasets::kFashionMnistMean, datasets::kFashionMnistStd)},
         c.seed);
     test = datasets::transform(
-        raw_test,
-        {datasets::Normalize(datasets::kFashionMnistMean, datasets::kFashionMnistStd)});
+        raw_test, {datasets::Normalize(datasets::kFashionMnistMean, datasets::kFashionMnistStd)});
   }
   if (train->size() < c.batch_size * n * c.accumulate) {
     throw UsageError("the training set has " + std::to_string(train->size()) +
@@ -360,22 +359,21 @@ int run(Config c) {
   if (is_policy(c.precision)) uo.precision = mpu::parse_precision(c.precision);
   uo.flat_step = !c.no_flat_step;
   uo.accumulation_steps = c.accumulate;
-  const auto placement = c.data_on == "device" ? datasets::Placement::kDevice
-                                               : datasets::Placement::kAuto;
+  const auto placement =
+      c.data_on == "device" ? datasets::Placement::kDevice : datasets::Placement::kAuto;
   const datasets::DeviceAugment normalise = datasets::DeviceAugment()
                                                 .mean({datasets::kFashionMnistMean})
                                                 .stddev({datasets::kFashionMnistStd});
   auto iterators =
-      device_data
-          ? datasets::device_split_iterators(
-                raw_train, devices, mpu::IteratorOptions(c.batch_size).seed(c.seed),
-                datasets::DeviceDataOptions(devices.front())
-                    .augment(datasets::DeviceAugment(normalise)
-                                 .padding(c.crop_padding)
-                                 .flip(true)
-                                 .seed(c.seed))
-                    .placement(placement))
-          : mpu::split_iterators(train, n, mpu::IteratorOptions(c.batch_size).seed(c.seed));
+      device_data ? datasets::device_split_iterators(
+                        raw_train, devices, mpu::IteratorOptions(c.batch_size).seed(c.seed),
+                        datasets::DeviceDataOptions(devices.front())
+                            .augment(datasets::DeviceAugment(normalise)
+                                         .padding(c.crop_padding)
+                                         .flip(true)
+                                         .seed(c.seed))
+                            .placement(placement))
+                  : mpu::split_iterators(train, n, mpu::IteratorOptions(c.batch_size).seed(c.seed));
   mpu::MultiprocessParallelUpdater updater(model, *optimizer, iterators, loss_fn, devices, uo);
   // The updater rescaled the optimizer for n processes; the schedule scales these values.
   std::vector<double> base_lr;
