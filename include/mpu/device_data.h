@@ -27,9 +27,9 @@ namespace mpu {
 
 /// Positions [start, start + count) of the order of epoch `epoch`.
 struct OrderSegment {
-  std::int64_t epoch = 0;
-  std::int64_t start = 0;
-  std::int64_t count = 0;
+  std::int64_t epoch = 0;  ///< whose order
+  std::int64_t start = 0;  ///< the first position taken
+  std::int64_t count = 0;  ///< how many positions
 };
 
 /// The visiting order of epoch `epoch` for `n` examples, as an int64 tensor on `device`:
