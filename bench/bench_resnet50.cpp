@@ -83,7 +83,7 @@ struct Options {
   std::string wire_dtype = "fp32";
   bool no_flat_step = false;
   bool channels_last = false;  // the batch in channels_last (convolutions follow its format)
-  int threads = 1;  // intra-op threads of each CPU rank
+  int threads = 1;             // intra-op threads of each CPU rank
   int row_time_limit = 900;
   std::uint64_t seed = 0;
   std::string json;
@@ -378,8 +378,7 @@ std::string document(const Options& o, const std::string& device_kind,
       << ",\n  \"updater\": {\"bucket_bytes\": " << bucket_bytes_of(o)
       << ", \"wire_dtype\": " << json_string(o.wire_dtype)
       << ", \"flat_step\": " << (o.no_flat_step ? "false" : "true") << "}"
-      << ",\n  \"memory_format\": "
-      << json_string(o.channels_last ? "channels_last" : "contiguous")
+      << ",\n  \"memory_format\": " << json_string(o.channels_last ? "channels_last" : "contiguous")
       << ",\n  \"results\": [";
   for (std::size_t i = 0; i < rows.size(); ++i) out << (i > 0 ? ",\n    " : "\n    ") << rows[i];
   out << "\n  ]\n}\n";
