@@ -12,6 +12,7 @@
 #include "mpu/config.h"
 #include "mpu/datasets.h"
 #include "mpu/device_data.h"
+#include "mpu/reporter.h"
 #include "mpu/updater.h"
 
 #if MPU_HAS_CUDA
@@ -330,7 +331,7 @@ TEST_CASE("StandardUpdater over device-resident data: no host synchronisation on
                                 torch::nn::Linear(8 * 12 * 12, 512));
       model->to(cuda);
       torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
-      auto loss_fn = [model](const Batch& b) {
+      auto loss_fn = [model](const Batch& b) mutable {
         auto logits =
             model->forward(b.data.to(model->parameters()[0].scalar_type())).to(torch::kFloat);
         auto loss = torch::nn::functional::cross_entropy(logits, b.target);
