@@ -6,7 +6,7 @@
 # MPU_PRECISIONS, then the reference once per precision of REF_PRECISIONS (torchrun with DDP for
 # more than one GPU), with the same model, epochs, batch, learning rate, schedule and seed.
 # Each writes its per-epoch test accuracy and training seconds (evaluation left out, data upload
-# in); bench/tta_report.py turns them into OUT_DIR/tta.md and OUT_DIR/tta.png.
+# in; mpu_resnet writes no snapshots, as the reference writes none); bench/tta_report.py turns them into OUT_DIR/tta.md and OUT_DIR/tta.png.
 #
 # Environment: BUILD (build-gpu), EPOCHS (15), BATCH (512 per GPU), LR (0.4, for the total
 # batch), WARMUP_EPOCHS (1), ARCH (resnet18), SEED (0), MPU_PRECISIONS (bf16_mixed,bf16_autocast),
@@ -46,7 +46,7 @@ for n in "${counts[@]}"; do
       dir="$out/mpu_${p}_n${n}"
       rm -rf "$dir"
       echo "run_fmnist_tta.sh: torch-mpu, $n GPU(s), $p"
-      "$build/examples/resnet/mpu_resnet" --devices "$n" --precision "$p" "${common[@]}" \
+      "$build/examples/resnet/mpu_resnet" --devices "$n" --precision "$p" "${common[@]}" --snapshot-every 0 \
         "${mpu_extra[@]}" --out "$dir" > "$out/mpu_${p}_n${n}.log" 2>&1 || status=1
       tail -3 "$out/mpu_${p}_n${n}.log"
     done

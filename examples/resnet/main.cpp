@@ -80,6 +80,7 @@ struct Config {
   int crop_padding = 2;
   std::string data_on = "auto";  // auto: the device-resident path on GPUs
   bool channels_last = false;
+  int snapshot_every = 1;  // epochs; 0: none
   int threads = 0;  // master's intra-op threads on CPUs; 0: 1 when CPU processes share cores
   std::uint64_t seed = 0;
 };
@@ -436,7 +437,10 @@ int run(Config c) {
                                      "validation/main/loss", "validation/main/accuracy", "lr",
                                      "elapsed_time"}));
     trainer.extend(mpu::ProgressBar(on_gpu ? 100 : 20));
-    trainer.extend(mpu::Snapshot(mpu::kDefaultSnapshotPattern, 2));
+    if (c.snapshot_every > 0) {
+      trainer.extend(mpu::Snapshot(mpu::kDefaultSnapshotPattern, 2),
+                     mpu::every_epochs(c.snapshot_every));
+    }
     loss_plotter = std::make_shared<mpu::PlotReport>(
         std::vector<std::string>{"main/loss", "validation/main/loss"}, "epoch",
         mpu::every_epochs(1), "loss.png");
@@ -642,6 +646,11 @@ int main(int argc, char** argv) {
   app.add_flag("--channels-last", c.channels_last,
                "Run the convolutions in channels_last (NHWC) memory format: the activations "
                "are made channels_last after the stem");
+  app.add_option("--snapshot-every", c.snapshot_every,
+                 "Write a snapshot every this many epochs, keeping the last two (0: none; "
+                 "--resume then has nothing to resume from)")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
   app.add_option("--threads", c.threads,
                  "Intra-op threads of the master process on CPUs (default: 1 with several CPU "
                  "processes; workers always use 1)")
