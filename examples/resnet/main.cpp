@@ -81,7 +81,7 @@ struct Config {
   std::string data_on = "auto";  // auto: the device-resident path on GPUs
   bool channels_last = false;
   int snapshot_every = 1;  // epochs; 0: none
-  int threads = 0;  // master's intra-op threads on CPUs; 0: 1 when CPU processes share cores
+  int threads = 0;         // master's intra-op threads on CPUs; 0: 1 when CPU processes share cores
   std::uint64_t seed = 0;
 };
 
