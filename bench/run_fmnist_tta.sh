@@ -28,15 +28,8 @@ ref_precisions=${REF_PRECISIONS:-bf16_autocast}
 read -ra mpu_extra <<< "${MPU_ARGS:-}"
 read -ra ref_extra <<< "${REF_ARGS:-}"
 mkdir -p "$out"
-present=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-if [ "${present:-0}" -eq 0 ]; then
-  echo "run_fmnist_tta.sh: no GPU (nvidia-smi -L lists none); this benchmark needs GPUs" >&2
-  exit 1
-fi
-counts=()
-for m in "${@:-1}"; do
-  if [ "$m" -le "$present" ]; then counts+=("$m"); else echo "run_fmnist_tta.sh: skipping $m GPUs ($present present)"; fi
-done
+source bench/gpu_counts.sh
+gpu_counts run_fmnist_tta.sh 1 "$@"
 status=0
 common=(--epochs "$epochs" --batch-size "$batch" --lr "$lr" --warmup-epochs "$warmup" --arch "$arch" --seed "$seed")
 nvidia-smi -L > "$out/gpus.txt"

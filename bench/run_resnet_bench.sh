@@ -50,21 +50,8 @@ iters=${ITERS:-30}
 wire=${WIRE_DTYPE:-fp32}
 mkdir -p "$out"
 
-present=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-if [ "${present:-0}" -eq 0 ]; then
-  echo "run_resnet_bench.sh: no GPU (nvidia-smi -L lists none); this benchmark needs GPUs" >&2
-  exit 1
-fi
-counts=()
-for n in "${@:-1 2 4}"; do
-  for m in ${n//,/ }; do
-    if [ "$m" -le "$present" ]; then counts+=("$m"); else echo "run_resnet_bench.sh: skipping $m GPUs ($present present)"; fi
-  done
-done
-if [ ${#counts[@]} -eq 0 ]; then
-  echo "run_resnet_bench.sh: no GPU count left to run" >&2
-  exit 1
-fi
+source bench/gpu_counts.sh
+gpu_counts run_resnet_bench.sh "1 2 4" "$@"
 gpus=$(IFS=,; echo "${counts[*]}")
 echo "run_resnet_bench.sh: GPU counts $gpus; precisions $precisions (DDP: $ddp_precisions); strategies $strategies; batch $batch; $warmup + $iters iterations -> $out"
 
