@@ -340,7 +340,7 @@ class Iterator {
   void wait_idle();
 
  private:
-  detail::BatchPlan plan_next(bool with_indices = true);
+  detail::BatchPlan plan_next();
   const std::vector<std::int64_t>& order_of(std::int64_t epoch);
   void commit(const detail::BatchPlan& plan);
   detail::Prefetcher* live_prefetcher() noexcept;

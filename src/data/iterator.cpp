@@ -353,7 +353,9 @@ const std::vector<std::int64_t>& Iterator::order_of(std::int64_t epoch) {
   return orders_.back().second;
 }
 
-detail::BatchPlan Iterator::plan_next(bool with_indices) {
+detail::BatchPlan Iterator::plan_next() {
+  // A DeviceDataset takes the segments; other datasets need their examples' indices.
+  const bool with_indices = device_ == nullptr;
   detail::BatchPlan plan;
   const std::int64_t batch = options_.batch_size();
   if (with_indices) {
@@ -421,7 +423,7 @@ Batch Iterator::next() {
   }
   if (device_ != nullptr) {
     // The dataset forms the batch on its device; the position moves only once it did.
-    const detail::BatchPlan plan = plan_next(/*with_indices=*/false);
+    const detail::BatchPlan plan = plan_next();
     Batch batch = device_->gather_segments(plan.segments, options_.seed(), options_.shuffle());
     commit(plan);
     return batch;
