@@ -10,6 +10,7 @@
 
 #include "misc/atomic_file.h"
 #include "misc/log.h"
+#include "misc/sync_debug.h"
 #include "mpu/error.h"
 #include "process/signal_catch.h"
 
@@ -204,6 +205,7 @@ void Trainer::run() {
 
   start_ = std::chrono::steady_clock::now();
   detail::SignalCatch signals;
+  const detail::SyncDebugScope sync_debug;
   try {
     for (Entry* e : active) e->extension->initialize(*this);
     while (!stop_.reached(updater_)) {
