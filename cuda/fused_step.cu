@@ -202,7 +202,8 @@ __device__ __forceinline__ unsigned slots_written(std::int32_t f) {
 }
 
 template <FusedOptimizer kOpt, typename GradT, typename ModelT>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(const Launch l) {
+__global__ void __launch_bounds__(kThreads)
+    fused_step_kernel(const Launch l, const FusedRun* __restrict__ live) {
   const FusedStepArgs& a = l.a;
   const GradT* __restrict__ grad = static_cast<const GradT*>(a.grad);
   float* __restrict__ master = a.master;
@@ -212,7 +213,8 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(const Launch l) {
   for (std::int64_t v = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x; v < total;
        v += stride) {
     while (v >= l.group_start[ri + 1]) ++ri;
-    const FusedRun& r = a.runs[ri];
+    // A captured launch reads the scalars staged before its replay.
+    const FusedRun& r = live != nullptr ? live[ri] : a.runs[ri];
     const std::int64_t e0 = (r.begin / kGroup + (v - l.group_start[ri])) * kGroup;
     const std::int64_t lo = e0 > r.begin ? e0 : r.begin;
     const std::int64_t hi = e0 + kGroup < r.end ? e0 + kGroup : r.end;
@@ -270,7 +272,7 @@ bool aligned(const void* p, std::uintptr_t n) {
 }
 
 template <FusedOptimizer kOpt, typename GradT, typename ModelT>
-cudaError_t launch_typed(Launch& l, cudaStream_t stream) {
+cudaError_t launch_typed(Launch& l, const FusedRun* live, cudaStream_t stream) {
   bool vec = aligned(l.a.grad, kGroup * sizeof(GradT)) && aligned(l.a.master, 16) &&
              l.a.state_begin % kGroup == 0;
   if constexpr (!std::is_same_v<ModelT, NoModel>) {
@@ -290,32 +292,32 @@ cudaError_t launch_typed(Launch& l, cudaStream_t stream) {
   const std::int64_t wanted = (total + kThreads - 1) / kThreads;
   const std::int64_t cap = static_cast<std::int64_t>(sms > 0 ? sms : 1) * kBlocksPerSm;
   const dim3 grid(static_cast<unsigned>(wanted < cap ? wanted : cap));
-  fused_step_kernel<kOpt, GradT, ModelT><<<grid, kThreads, 0, stream>>>(l);
+  fused_step_kernel<kOpt, GradT, ModelT><<<grid, kThreads, 0, stream>>>(l, live);
   return cudaGetLastError();
 }
 
 template <FusedOptimizer kOpt, typename GradT>
-cudaError_t launch_model(Launch& l, cudaStream_t stream) {
-  if (l.a.model == nullptr) return launch_typed<kOpt, GradT, NoModel>(l, stream);
+cudaError_t launch_model(Launch& l, const FusedRun* live, cudaStream_t stream) {
+  if (l.a.model == nullptr) return launch_typed<kOpt, GradT, NoModel>(l, live, stream);
   switch (l.a.model_dtype) {
     case FlatDtype::kFloat16:
-      return launch_typed<kOpt, GradT, __half>(l, stream);
+      return launch_typed<kOpt, GradT, __half>(l, live, stream);
     case FlatDtype::kBFloat16:
-      return launch_typed<kOpt, GradT, __nv_bfloat16>(l, stream);
+      return launch_typed<kOpt, GradT, __nv_bfloat16>(l, live, stream);
     default:
       return cudaErrorInvalidValue;
   }
 }
 
 template <FusedOptimizer kOpt>
-cudaError_t launch_grad(Launch& l, cudaStream_t stream) {
+cudaError_t launch_grad(Launch& l, const FusedRun* live, cudaStream_t stream) {
   switch (l.a.grad_dtype) {
     case FlatDtype::kFloat32:
-      return launch_model<kOpt, float>(l, stream);
+      return launch_model<kOpt, float>(l, live, stream);
     case FlatDtype::kFloat16:
-      return launch_model<kOpt, __half>(l, stream);
+      return launch_model<kOpt, __half>(l, live, stream);
     case FlatDtype::kBFloat16:
-      return launch_model<kOpt, __nv_bfloat16>(l, stream);
+      return launch_model<kOpt, __nv_bfloat16>(l, live, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -337,9 +339,39 @@ unsigned slots_needed(FusedOptimizer opt, std::int32_t f) {
   return 0u;
 }
 
+// The run table of a staging launch.
+struct RunTable {
+  FusedRun runs[kFusedMaxRuns];
+  int num_runs;
+};
+
+__global__ void stage_runs_kernel(const RunTable t, FusedRun* __restrict__ out) {
+  for (int i = static_cast<int>(threadIdx.x); i < t.num_runs; i += static_cast<int>(blockDim.x)) {
+    out[i] = t.runs[i];
+  }
+}
+
 }  // namespace
 
+cudaError_t fused_stage_runs(const FusedStepArgs& args, FusedRun* device_runs,
+                             cudaStream_t stream) noexcept {
+  if (args.num_runs < 0 || args.num_runs > kFusedMaxRuns || device_runs == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (args.num_runs == 0) return cudaSuccess;
+  RunTable t{};
+  for (int i = 0; i < args.num_runs; ++i) t.runs[i] = args.runs[i];
+  t.num_runs = args.num_runs;
+  stage_runs_kernel<<<1, kFusedMaxRuns, 0, stream>>>(t, device_runs);
+  return cudaGetLastError();
+}
+
 cudaError_t fused_step(const FusedStepArgs& args, cudaStream_t stream) noexcept {
+  return fused_step(args, nullptr, stream);
+}
+
+cudaError_t fused_step(const FusedStepArgs& args, const FusedRun* device_runs,
+                       cudaStream_t stream) noexcept {
   if (args.num_runs < 0 || args.num_runs > kFusedMaxRuns) return cudaErrorInvalidValue;
   Launch l{};
   l.a = args;
@@ -358,17 +390,18 @@ cudaError_t fused_step(const FusedStepArgs& args, cudaStream_t stream) noexcept 
   }
   if (l.group_start[args.num_runs] == 0) return cudaSuccess;
   if (args.grad == nullptr || args.master == nullptr) return cudaErrorInvalidValue;
+  const FusedRun* live = device_runs;
   switch (args.optimizer) {
     case FusedOptimizer::kSGD:
-      return launch_grad<FusedOptimizer::kSGD>(l, stream);
+      return launch_grad<FusedOptimizer::kSGD>(l, live, stream);
     case FusedOptimizer::kAdam:
-      return launch_grad<FusedOptimizer::kAdam>(l, stream);
+      return launch_grad<FusedOptimizer::kAdam>(l, live, stream);
     case FusedOptimizer::kAdamW:
-      return launch_grad<FusedOptimizer::kAdamW>(l, stream);
+      return launch_grad<FusedOptimizer::kAdamW>(l, live, stream);
     case FusedOptimizer::kAdagrad:
-      return launch_grad<FusedOptimizer::kAdagrad>(l, stream);
+      return launch_grad<FusedOptimizer::kAdagrad>(l, live, stream);
     case FusedOptimizer::kRMSprop:
-      return launch_grad<FusedOptimizer::kRMSprop>(l, stream);
+      return launch_grad<FusedOptimizer::kRMSprop>(l, live, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -115,4 +115,19 @@ struct FusedStepArgs {
 /// run has elements.
 cudaError_t fused_step(const FusedStepArgs& args, cudaStream_t stream) noexcept;
 
+/// The same step, with each run's scalars read when the kernel runs from `device_runs`
+/// (args.num_runs FusedRun in device memory, as `fused_stage_runs` writes them) instead of from
+/// the launch's parameters; args.runs still sizes the grid (their begin and end must equal the
+/// staged ones). A launch captured into a CUDA graph then follows the learning rate, step count
+/// and bias corrections staged before each replay. `device_runs` null: as `fused_step` above.
+cudaError_t fused_step(const FusedStepArgs& args, const FusedRun* device_runs,
+                       cudaStream_t stream) noexcept;
+
+/// Writes args.runs[0, args.num_runs) into `device_runs` on `stream` (one small kernel, the
+/// table in its parameters: stream-ordered, no host synchronisation, no host buffer to keep
+/// alive). Returns cudaErrorInvalidValue for num_runs outside [0, kFusedMaxRuns] or a null
+/// `device_runs`.
+cudaError_t fused_stage_runs(const FusedStepArgs& args, FusedRun* device_runs,
+                             cudaStream_t stream) noexcept;
+
 }  // namespace mpu::kernels

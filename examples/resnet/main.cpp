@@ -80,6 +80,7 @@ struct Config {
   int crop_padding = 2;
   std::string data_on = "auto";  // auto: the device-resident path on GPUs
   bool channels_last = false;
+  bool cuda_graph = false;
   int snapshot_every = 1;  // epochs; 0: none
   int threads = 0;         // master's intra-op threads on CPUs; 0: 1 when CPU processes share cores
   std::uint64_t seed = 0;
@@ -360,6 +361,7 @@ int run(Config c) {
   if (is_policy(c.precision)) uo.precision = mpu::parse_precision(c.precision);
   uo.flat_step = !c.no_flat_step;
   uo.accumulation_steps = c.accumulate;
+  uo.cuda_graph = c.cuda_graph;
   const auto placement =
       c.data_on == "device" ? datasets::Placement::kDevice : datasets::Placement::kAuto;
   const datasets::DeviceAugment normalise = datasets::DeviceAugment()
@@ -643,6 +645,9 @@ int main(int argc, char** argv) {
                  "the images fit in half the free memory, else host, said in one line)")
       ->check(CLI::IsMember({"auto", "device", "host"}))
       ->capture_default_str();
+  app.add_flag("--cuda-graph", c.cuda_graph,
+               "Capture the training step into a CUDA graph after 3 eager steps and replay it "
+               "(one GPU; bf16_mixed, bf16_autocast or fp32)");
   app.add_flag("--channels-last", c.channels_last,
                "Run the convolutions in channels_last (NHWC) memory format: the activations "
                "are made channels_last after the stem");

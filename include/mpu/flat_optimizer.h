@@ -135,6 +135,21 @@ class FlatOptimizer {
   /// step(1.0) is step().
   void step(double grad_scale);
 
+  /// Captured steps (a CUDA graph replays the kernels of one step; see
+  /// UpdaterOptions::cuda_graph). Writes the scalars of the next step (learning rates, step
+  /// counts, bias corrections, as the options and counts are now) into device memory on the
+  /// current stream: one small kernel, no host synchronisation. Fused step only; throws
+  /// InvalidArgument otherwise.
+  void stage_step();
+  /// While true, step()'s fused kernel reads its scalars from what stage_step() last wrote
+  /// instead of from its launch parameters, so that a launch captured into a graph follows the
+  /// scalars staged before each replay. Throws InvalidArgument when turned on before any
+  /// stage_step().
+  void set_step_reads_staged(bool on);
+  /// For a step that ran as a graph replay, what step() does on the host after its kernels:
+  /// the step counts advance (and, on the first step, lazily created buffers are taken up).
+  void advance();
+
   /// True when step() runs the fused CUDA kernel (CUDA, Float flat_param, options.fused).
   bool fused() const;
   /// True in master-weights mode.

@@ -181,10 +181,34 @@ struct UpdaterOptions {
   /// overflowed on any rank is skipped on every rank and reported as "main/skipped_steps";
   /// the scale is reported as "main/loss_scale" and saved in snapshots.
   LossScaleOptions loss_scale;
+  /// Whole-step CUDA graph: after `cuda_graph_warmup` eager steps, one step (the copy of the
+  /// batch into static tensors aside: forward under the policy's autocast, backward, the
+  /// gradient reduction and the fused flat optimizer step) is captured into a CUDA graph and
+  /// every later step replays it, so that the host launches one graph instead of hundreds of
+  /// kernels. The learning rates and step counts of the optimizer are staged on the device
+  /// before each replay, so a schedule that changes them keeps working; what `loss_fn` reports
+  /// with tensors is reported from the replayed values. A batch whose shapes differ from the
+  /// captured one (the last, short batch of an epoch) runs eagerly, logged once.
+  ///
+  /// What the graph needs, checked when the updater is built (InvalidArgument naming the
+  /// option): a CUDA device; one process (a DistributedUpdater with more than one rank, or a
+  /// MultiprocessParallelUpdater with more than one device, is refused: capturing the
+  /// communicator's collectives is not built yet); the fused flat step (`flat_step`, an
+  /// optimizer it supports); no host-side verdict in the step, so not the fp16 policies (their
+  /// loss scaler reads the overflow verdict on the host) and not `skip_nonfinite`; one
+  /// micro-batch (`accumulation_steps` 1). `loss_fn` must launch the same kernels on every
+  /// call: no host synchronisation (`.item()`, printing or copying a tensor to the host), no
+  /// branches on tensor values, no new CPU tensors moved to the GPU. A capture that breaks one
+  /// of these throws InvalidArgument with the error of the operation that broke it.
+  bool cuda_graph = false;
+  /// Eager steps before the capture (at least 1): cuDNN's autotuning, the first step's lazily
+  /// created optimizer state and the caching allocator's first allocations happen in them.
+  int cuda_graph_warmup = 3;
 };
 
 namespace detail {
 class SyncEngine;
+class StepGraph;
 struct PrecisionState;
 }  // namespace detail
 
@@ -229,7 +253,8 @@ class StandardUpdater : public Updater {
   UpdaterOptions options_;
   std::int64_t iteration_ = 0;
   std::shared_ptr<Communicator> local_;       // precision policies: one rank, nothing sent
-  std::unique_ptr<detail::SyncEngine> step_;  // null under fp32
+  std::unique_ptr<detail::SyncEngine> step_;  // null under fp32 without cuda_graph
+  std::unique_ptr<detail::StepGraph> graph_;  // UpdaterOptions::cuda_graph
   void make_engine();
 };
 
@@ -335,6 +360,7 @@ class MultiprocessParallelUpdater : public Updater {
   std::int64_t iteration_ = 0;
   std::shared_ptr<Communicator> comm_;
   std::unique_ptr<detail::SyncEngine> step_;
+  std::unique_ptr<detail::StepGraph> graph_;  // UpdaterOptions::cuda_graph
   // What load() read of the precision state before the workers started.
   std::unique_ptr<detail::PrecisionState> pending_precision_;
   std::unique_ptr<detail::WorkerSet> workers_;
@@ -398,6 +424,7 @@ class DistributedUpdater : public Updater {
   std::vector<ScalingChange> scaling_changes_;
   std::int64_t iteration_ = 0;
   std::unique_ptr<detail::SyncEngine> step_;
+  std::unique_ptr<detail::StepGraph> graph_;  // UpdaterOptions::cuda_graph
 };
 
 }  // namespace mpu

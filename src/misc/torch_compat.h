@@ -117,3 +117,38 @@ inline bool autocast_supports(c10::DeviceType device_type, at::ScalarType dtype)
 }
 
 }  // namespace mpu::detail
+
+// --- CUDA graphs: only for the *_cuda.cpp files, which define MPU_TORCH_COMPAT_CUDA_GRAPH
+// ---------
+#ifdef MPU_TORCH_COMPAT_CUDA_GRAPH
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+
+namespace mpu::detail {
+
+/// Begins capturing `graph` on the current stream. LibTorch 2.x: in thread-local mode, so that
+/// another thread's CUDA calls (a prefetching data loader pinning memory) do not break the
+/// capture; 1.13 has global mode only.
+inline void capture_begin_thread_local(at::cuda::CUDAGraph& graph) {
+#if TORCH_VERSION_MAJOR >= 2
+  graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+#else
+  graph.capture_begin();
+#endif
+}
+
+/// After a capture that failed before capture_end() completed: the caching allocator stops
+/// sending the capture stream's allocations to the graph's pool, and the pool is released.
+inline void abandon_capture_pool(at::cuda::CUDAGraph& graph, c10::DeviceIndex device) {
+#if TORCH_VERSION_MAJOR >= 2
+  auto* allocator = c10::cuda::CUDACachingAllocator::get();
+  allocator->endAllocateToPool(device, graph.pool());
+  allocator->releasePool(device, graph.pool());
+#else
+  (void)graph;
+  (void)device;
+#endif
+}
+
+}  // namespace mpu::detail
+#endif  // MPU_TORCH_COMPAT_CUDA_GRAPH

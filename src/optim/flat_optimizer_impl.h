@@ -19,6 +19,9 @@
 #include "optim/optimizer_traits.h"
 
 namespace mpu {
+namespace kernels {
+struct FusedStepArgs;
+}
 
 namespace optim = torch::optim;
 
@@ -213,9 +216,17 @@ struct FlatOptimizer::Impl {
   void step_adam(const Run& r, const Options& o, std::int64_t step, bool decoupled);
   void step_adagrad(const Run& r, const optim::AdagradOptions& o, std::int64_t step);
   void step_rmsprop(const Run& r, const optim::RMSpropOptions& o);
+  /// What a step does on the host after its kernels: step counts, lazily created buffers.
+  void advance();
+  torch::Tensor live_runs;       // the staged scalars of a captured step (kernels::FusedRun)
+  bool step_reads_live = false;  // step_fused's kernel reads live_runs (while capturing)
 #if MPU_HAS_CUDA
   /// All runs with the fused kernel (flat_step_cuda.cpp): one launch per kFusedMaxRuns runs.
   void step_fused();
+  /// The kernel arguments of every launch of the fused step, as the options and step counts are.
+  std::vector<kernels::FusedStepArgs> fused_launches() const;
+  /// Writes the scalars of the next step into live_runs (see FlatOptimizer::stage_step).
+  void stage_fused();
 #endif
 };
 

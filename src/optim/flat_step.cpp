@@ -226,28 +226,57 @@ void FlatOptimizer::step(double grad_scale) {
       }
     }
   }
+  m.advance();
+}
+
+void FlatOptimizer::Impl::advance() {
   // Every parameter has a gradient, so every parameter of the optimizer stepped (those outside
   // [begin, end) on other ranks): advance all counts, as the plain step would.
+  const auto& groups = opt->param_groups();
   bool new_buffers = false;
-  const int mb = m.field_index("momentum_buffer");
-  for (auto& p : m.params) {
+  const int mb = field_index("momentum_buffer");
+  for (auto& p : params) {
     ++p.step;
-    if (m.traits->lazy_state && !p.has_buffer && mb >= 0 &&
-        m.traits->needs(groups[p.group].options(), m.fields[static_cast<std::size_t>(mb)])) {
+    if (traits->lazy_state && !p.has_buffer && mb >= 0 &&
+        traits->needs(groups[p.group].options(), fields[static_cast<std::size_t>(mb)])) {
       p.has_buffer = true;
       p.present |= 1u << mb;
       new_buffers = true;
     }
-    if (!m.traits->lazy_state) {
+    if (!traits->lazy_state) {
       // A buffer an option turned on since the import (amsgrad, centered, momentum) is now in
       // use for this parameter.
-      for (std::size_t k = 0; k < m.fields.size(); ++k) {
-        if (m.traits->needs(groups[p.group].options(), m.fields[k])) p.present |= 1u << k;
+      for (std::size_t k = 0; k < fields.size(); ++k) {
+        if (traits->needs(groups[p.group].options(), fields[k])) p.present |= 1u << k;
       }
     }
   }
-  if (new_buffers) m.build_runs();
-  if (m.full) m.write_back();
+  if (new_buffers) build_runs();
+  if (full) write_back();
+}
+
+void FlatOptimizer::stage_step() {
+  Impl& m = *impl_;
+  MPU_CHECK(m.use_fused,
+            "FlatOptimizer::stage_step: only the fused CUDA step reads staged "
+            "scalars; this optimizer steps with torch operations (not CUDA, not Float, or "
+            "FlatOptimizerOptions::fused off)");
+  m.check_views();
+  if (m.full && !m.state_in_sync()) import_state();
+#if MPU_HAS_CUDA
+  m.stage_fused();
+#endif
+}
+
+void FlatOptimizer::set_step_reads_staged(bool on) {
+  Impl& m = *impl_;
+  MPU_CHECK(!on || m.live_runs.defined(),
+            "FlatOptimizer::set_step_reads_staged: nothing was staged; call stage_step() first");
+  m.step_reads_live = on;
+}
+
+void FlatOptimizer::advance() {
+  impl_->advance();
 }
 
 }  // namespace mpu

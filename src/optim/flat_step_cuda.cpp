@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "cuda/fused_step.h"
 #include "flat/kernel_dtype.h"
@@ -109,38 +110,43 @@ kernels::FusedRun rmsprop_run(const optim::RMSpropOptions& o) {
   return k;
 }
 
+kernels::FusedRun* live_runs_ptr(const torch::Tensor& live_runs) {
+  return reinterpret_cast<kernels::FusedRun*>(live_runs.data_ptr());
+}
+
 }  // namespace
 
-void FlatOptimizer::Impl::step_fused() {
-  if (runs.empty()) return;
-  const c10::cuda::CUDAGuard guard(flat_param.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(flat_param.device().index()).stream();
-  const Slots slots = slots_of(traits->kind);
+// The kernel arguments of every launch of the step (kernels::kFusedMaxRuns runs each), from the
+// optimizer's options and the parameters' step counts as they are now.
+std::vector<kernels::FusedStepArgs> FlatOptimizer::Impl::fused_launches() const {
+  const Impl& m = *this;
+  const Slots slots = slots_of(m.traits->kind);
   kernels::FusedStepArgs args{};
   args.optimizer = slots.optimizer;
-  args.grad_dtype = kernel_dtype(flat_grad.scalar_type());
-  args.model_dtype = model_param.defined() ? kernel_dtype(model_param.scalar_type())
-                                           : kernels::FlatDtype::kFloat32;
-  args.grad_scale = static_cast<float>(grad_scale);
-  args.grad = flat_grad.data_ptr();
-  args.master = flat_param.data_ptr<float>();
-  args.model = model_param.defined() ? model_param.data_ptr() : nullptr;
+  args.grad_dtype = kernel_dtype(m.flat_grad.scalar_type());
+  args.model_dtype = m.model_param.defined() ? kernel_dtype(m.model_param.scalar_type())
+                                             : kernels::FlatDtype::kFloat32;
+  args.grad_scale = static_cast<float>(m.grad_scale);
+  args.grad = m.flat_grad.data_ptr();
+  args.master = m.flat_param.data_ptr<float>();
+  args.model = m.model_param.defined() ? m.model_param.data_ptr() : nullptr;
   for (int k = 0; k < kernels::kFusedMaxState; ++k) {
-    const int slot = slots.names[k] != nullptr ? field_index(slots.names[k]) : -1;
-    args.state[k] = slot >= 0 ? state[static_cast<std::size_t>(slot)].data_ptr<float>() : nullptr;
+    const int slot = slots.names[k] != nullptr ? m.field_index(slots.names[k]) : -1;
+    args.state[k] = slot >= 0 ? m.state[static_cast<std::size_t>(slot)].data_ptr<float>() : nullptr;
   }
-  args.state_begin = begin;
-  const auto& groups = opt->param_groups();
-  for (std::size_t first = 0; first < runs.size(); first += kernels::kFusedMaxRuns) {
+  args.state_begin = m.begin;
+  std::vector<kernels::FusedStepArgs> out;
+  const auto& groups = m.opt->param_groups();
+  for (std::size_t first = 0; first < m.runs.size(); first += kernels::kFusedMaxRuns) {
     const std::size_t count =
-        std::min(runs.size() - first, static_cast<std::size_t>(kernels::kFusedMaxRuns));
+        std::min(m.runs.size() - first, static_cast<std::size_t>(kernels::kFusedMaxRuns));
     args.num_runs = static_cast<int>(count);
     for (std::size_t i = 0; i < count; ++i) {
-      const Run& r = runs[first + i];
+      const Run& r = m.runs[first + i];
       const auto& options = groups[r.group].options();
-      const Param& p = params[r.first_param];
+      const Param& p = m.params[r.first_param];
       kernels::FusedRun k{};
-      switch (traits->kind) {
+      switch (m.traits->kind) {
         case detail::OptimizerKind::kSGD:
           k = sgd_run(static_cast<const optim::SGDOptions&>(options), p.has_buffer);
           break;
@@ -157,18 +163,50 @@ void FlatOptimizer::Impl::step_fused() {
           k = rmsprop_run(static_cast<const optim::RMSpropOptions&>(options));
           break;
         case detail::OptimizerKind::kLBFGS:
-          MPU_THROW(Error, "FlatOptimizer::step: no flat step for ", traits->name);
+          MPU_THROW(Error, "FlatOptimizer::step: no flat step for ", m.traits->name);
       }
       k.begin = r.begin;
       k.end = r.end;
       args.runs[i] = k;
     }
-    MPU_CUDA_CHECK(kernels::fused_step(args, stream));
+    out.push_back(args);
+  }
+  return out;
+}
+
+void FlatOptimizer::Impl::step_fused() {
+  if (runs.empty()) return;
+  const c10::cuda::CUDAGuard guard(flat_param.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(flat_param.device().index()).stream();
+  const auto launches = fused_launches();
+  kernels::FusedRun* live = step_reads_live ? live_runs_ptr(live_runs) : nullptr;
+  for (std::size_t c = 0; c < launches.size(); ++c) {
+    MPU_CUDA_CHECK(kernels::fused_step(
+        launches[c], live != nullptr ? live + c * kernels::kFusedMaxRuns : nullptr, stream));
   }
   // The kernel wrote behind autograd's back; let it see that the parameters and state changed.
   torch::autograd::impl::bump_version(flat_param);
   if (model_param.defined()) torch::autograd::impl::bump_version(model_param);
   for (auto& t : state) torch::autograd::impl::bump_version(t);
+}
+
+void FlatOptimizer::Impl::stage_fused() {
+  if (runs.empty()) return;
+  const c10::cuda::CUDAGuard guard(flat_param.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(flat_param.device().index()).stream();
+  const auto launches = fused_launches();
+  const auto slots = static_cast<std::int64_t>(launches.size()) * kernels::kFusedMaxRuns;
+  const auto bytes = slots * static_cast<std::int64_t>(sizeof(kernels::FusedRun));
+  if (!live_runs.defined()) {
+    live_runs = torch::empty({bytes}, flat_param.options().dtype(torch::kUInt8));
+  }
+  MPU_CHECK(live_runs.numel() == bytes, "FlatOptimizer::stage_step: the step now has ", runs.size(),
+            " runs, not as many as when its scalars were first staged (a lazily "
+            "created state buffer split them); a captured step cannot follow that change");
+  for (std::size_t c = 0; c < launches.size(); ++c) {
+    MPU_CUDA_CHECK(kernels::fused_stage_runs(
+        launches[c], live_runs_ptr(live_runs) + c * kernels::kFusedMaxRuns, stream));
+  }
 }
 
 }  // namespace mpu

@@ -96,6 +96,8 @@ class SyncEngine {
   std::int64_t skipped_steps() const { return skipped_; }
   /// Whether the optimizer steps through the flat step on this rank.
   bool flat_step() const { return flat_opt_ != nullptr; }
+  /// The flat step of this rank, or nullptr (see flat_step()).
+  FlatOptimizer* flat_optimizer() { return flat_opt_.get(); }
   /// Number of gradient buckets communicated during backward (0: one collective after it, or
   /// none on a single rank).
   std::size_t bucket_count() const { return buckets_ ? buckets_->size() : 0; }

@@ -21,6 +21,7 @@
 #include "process/worker_watch.h"
 #include "sync/sync_engine.h"
 #include "train/multiprocess_workers.h"
+#include "train/step_graph.h"
 #include "train/updater_common.h"
 
 namespace mpu {
@@ -127,6 +128,8 @@ MultiprocessParallelUpdater::MultiprocessParallelUpdater(
   detail::check_has_parameters(*model_, "MultiprocessParallelUpdater");
   validate(*model_, iterators_, loss_fn_, devices_);
   detail::check_options(options_, "MultiprocessParallelUpdater");
+  detail::check_cuda_graph(options_, devices_[0], static_cast<int>(devices_.size()),
+                           "MultiprocessParallelUpdater");
   scaling_changes_ = apply_scaling(
       optimizer_, detail::gradients_per_step(static_cast<int>(devices_.size()), options_),
       options_.scaling);
@@ -218,6 +221,7 @@ void MultiprocessParallelUpdater::start() {
     pending_precision_.reset();
     step_->broadcast_parameters();
     step_->broadcast_buffers();
+    if (options_.cuda_graph) graph_ = detail::make_step_graph(options_, devices_[0]);
   } catch (const std::exception& e) {
     fail(e);
   }
@@ -256,6 +260,7 @@ void MultiprocessParallelUpdater::fail(const std::exception& cause) {
   }
   // Release everything but the record of the failure, which later calls repeat.
   finalized_ = true;
+  graph_.reset();
   step_.reset();
   workers_->stop();
   comm_.reset();
@@ -272,8 +277,12 @@ void MultiprocessParallelUpdater::update() {
   try {
     workers_->raise_if_dead(std::chrono::milliseconds(0));
     for (auto& w : workers_->workers) w.channel.send(detail::MessageType::kUpdate);
-    detail::data_parallel_step(*iterators_[0], options_, loss_fn_, devices_[0], *step_,
-                               iteration_ + 1);
+    if (graph_) {
+      graph_->step(*iterators_[0], options_, loss_fn_, *step_, iteration_ + 1);
+    } else {
+      detail::data_parallel_step(*iterators_[0], options_, loss_fn_, devices_[0], *step_,
+                                 iteration_ + 1);
+    }
   } catch (const std::exception& e) {
     fail(e);
   }
@@ -352,11 +361,13 @@ void MultiprocessParallelUpdater::load(torch::serialize::InputArchive& archive) 
       channel.send(detail::MessageType::kLoadState, state);
       channel.send(detail::MessageType::kLoadState, std::to_string(iteration_));
     }
+    graph_.reset();
     step_.reset();
     step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
     step_->apply_precision(precision);
     step_->broadcast_parameters();
     step_->broadcast_buffers();
+    if (options_.cuda_graph) graph_ = detail::make_step_graph(options_, devices_[0]);
   } catch (const std::exception& e) {
     fail(e);
   }
@@ -365,6 +376,7 @@ void MultiprocessParallelUpdater::load(torch::serialize::InputArchive& archive) 
 void MultiprocessParallelUpdater::finalize() {
   if (finalized_) return;
   finalized_ = true;
+  graph_.reset();
   step_.reset();
   if (workers_) workers_->stop();
   comm_.reset();

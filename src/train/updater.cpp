@@ -4,6 +4,7 @@
 #include "mpu/communicator.h"
 #include "mpu/error.h"
 #include "sync/sync_engine.h"
+#include "train/step_graph.h"
 #include "train/updater_common.h"
 
 namespace mpu {
@@ -41,6 +42,12 @@ torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options
   const Batch batch = iterator.next();
   const Batch on_device =
       options.converter ? options.converter(batch, device) : to_device(batch, device);
+  return forward_backward_on(on_device, options, loss_fn, device, zero_grad, loss_scale);
+}
+
+torch::Tensor forward_backward_on(const Batch& on_device, const UpdaterOptions& options,
+                                  const LossFunction& loss_fn, const torch::Device& device,
+                                  const std::function<void()>& zero_grad, double loss_scale) {
   torch::Tensor loss;
   {
     ReportScope scope("main");
@@ -133,6 +140,7 @@ StandardUpdater::StandardUpdater(std::shared_ptr<torch::nn::Module> model,
   MPU_CHECK(static_cast<bool>(loss_fn_), "StandardUpdater: loss_fn is empty");
   detail::check_has_parameters(*model_, "StandardUpdater");
   detail::check_options(options_, "StandardUpdater");
+  detail::check_cuda_graph(options_, device_, 1, "StandardUpdater");
   model_->to(device_);
   detail::move_optimizer_state(optimizer_, device_);
   apply_scaling(optimizer_, detail::gradients_per_step(1, options_), options_.scaling);
@@ -141,16 +149,25 @@ StandardUpdater::StandardUpdater(std::shared_ptr<torch::nn::Module> model,
 
 StandardUpdater::~StandardUpdater() = default;
 
-// The precision policies take the data-parallel step path on a one-rank communicator: the
-// same master weights, loss scaling and flat step as n processes, with nothing sent.
+// The precision policies, and the captured step, take the data-parallel step path on a
+// one-rank communicator: the same master weights, loss scaling and flat step as n processes,
+// with nothing sent.
 void StandardUpdater::make_engine() {
-  if (options_.precision == Precision::kFp32) return;
+  if (options_.precision == Precision::kFp32 && !options_.cuda_graph) return;
   if (!local_) local_ = make_local_communicator(device_);
+  graph_.reset();
   step_.reset();
   step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *local_, options_);
+  if (options_.cuda_graph) graph_ = detail::make_step_graph(options_, device_);
 }
 
 void StandardUpdater::update() {
+  if (graph_) {
+    graph_->step(*iterator_, options_, loss_fn_, *step_, iteration_ + 1);
+    ++iteration_;
+    if (iterator_->is_new_epoch() && options_.on_new_epoch) options_.on_new_epoch(*this);
+    return;
+  }
   if (step_) {
     detail::data_parallel_step(*iterator_, options_, loss_fn_, device_, *step_, iteration_ + 1);
     ++iteration_;
@@ -227,6 +244,7 @@ DistributedUpdater::DistributedUpdater(std::shared_ptr<torch::nn::Module> model,
   MPU_CHECK(static_cast<bool>(loss_fn_), "DistributedUpdater: loss_fn is empty");
   detail::check_has_parameters(*model_, "DistributedUpdater");
   detail::check_options(options_, "DistributedUpdater");
+  detail::check_cuda_graph(options_, comm_->device(), comm_->size(), "DistributedUpdater");
   model_->to(comm_->device());
   detail::move_optimizer_state(optimizer_, comm_->device());
   scaling_changes_ = apply_scaling(optimizer_, detail::gradients_per_step(comm_->size(), options_),
@@ -235,13 +253,18 @@ DistributedUpdater::DistributedUpdater(std::shared_ptr<torch::nn::Module> model,
   step_->check_same_layout();
   step_->broadcast_parameters();
   step_->broadcast_buffers();
+  if (options_.cuda_graph) graph_ = detail::make_step_graph(options_, comm_->device());
 }
 
 DistributedUpdater::~DistributedUpdater() = default;
 
 void DistributedUpdater::update() {
-  detail::data_parallel_step(*iterator_, options_, loss_fn_, comm_->device(), *step_,
-                             iteration_ + 1);
+  if (graph_) {
+    graph_->step(*iterator_, options_, loss_fn_, *step_, iteration_ + 1);
+  } else {
+    detail::data_parallel_step(*iterator_, options_, loss_fn_, comm_->device(), *step_,
+                               iteration_ + 1);
+  }
   ++iteration_;
   if (iterator_->is_new_epoch() && options_.on_new_epoch && is_main()) options_.on_new_epoch(*this);
 }
@@ -289,12 +312,15 @@ void DistributedUpdater::load(torch::serialize::InputArchive& archive) {
   const auto precision = detail::SyncEngine::read_precision(archive, options_);
   iteration_ = detail::load_state(archive, *model_, optimizer_, *iterator_, comm_->device());
   // Loading replaced the parameters' storage and the optimizer's state; rebuild the flat
-  // views and the flat optimizer state, then agree with rank 0.
+  // views and the flat optimizer state, then agree with rank 0; a captured step pointed at
+  // the old ones and is captured again.
+  graph_.reset();
   step_.reset();
   step_ = std::make_unique<detail::SyncEngine>(*model_, optimizer_, *comm_, options_);
   step_->apply_precision(precision);
   step_->broadcast_parameters();
   step_->broadcast_buffers();
+  if (options_.cuda_graph) graph_ = detail::make_step_graph(options_, comm_->device());
 }
 
 }  // namespace mpu

@@ -65,6 +65,11 @@ torch::Tensor forward_backward(Iterator& iterator, const UpdaterOptions& options
                                const LossFunction& loss_fn, const torch::Device& device,
                                const std::function<void()>& zero_grad, double loss_scale = 1.0);
 
+/// The same for a batch already on the device: loss, `zero_grad()`, backward.
+torch::Tensor forward_backward_on(const Batch& on_device, const UpdaterOptions& options,
+                                  const LossFunction& loss_fn, const torch::Device& device,
+                                  const std::function<void()>& zero_grad, double loss_scale = 1.0);
+
 class SyncEngine;
 
 /// One data-parallel step on this rank: `options.accumulation_steps` micro-batches (forward and
