@@ -370,7 +370,7 @@ cudaError_t fused_step(const FusedStepArgs& args, cudaStream_t stream) noexcept 
   return fused_step(args, nullptr, stream);
 }
 
-cudaError_t fused_step(const FusedStepArgs& args, const FusedRun* device_runs,
+cudaError_t fused_step(const FusedStepArgs& args, const FusedRun* live,
                        cudaStream_t stream) noexcept {
   if (args.num_runs < 0 || args.num_runs > kFusedMaxRuns) return cudaErrorInvalidValue;
   Launch l{};
@@ -390,7 +390,6 @@ cudaError_t fused_step(const FusedStepArgs& args, const FusedRun* device_runs,
   }
   if (l.group_start[args.num_runs] == 0) return cudaSuccess;
   if (args.grad == nullptr || args.master == nullptr) return cudaErrorInvalidValue;
-  const FusedRun* live = device_runs;
   switch (args.optimizer) {
     case FusedOptimizer::kSGD:
       return launch_grad<FusedOptimizer::kSGD>(l, live, stream);

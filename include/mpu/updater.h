@@ -188,7 +188,8 @@ struct UpdaterOptions {
   /// kernels. The learning rates and step counts of the optimizer are staged on the device
   /// before each replay, so a schedule that changes them keeps working; what `loss_fn` reports
   /// with tensors is reported from the replayed values. A batch whose shapes differ from the
-  /// captured one (the last, short batch of an epoch) runs eagerly, logged once.
+  /// captured one (training iterators wrap around epoch ends, so only a converter or dataset
+  /// that changes shapes makes one) runs eagerly, logged once.
   ///
   /// What the graph needs, checked when the updater is built (InvalidArgument naming the
   /// option): a CUDA device; one process (a DistributedUpdater with more than one rank, or a
@@ -236,6 +237,9 @@ class StandardUpdater : public Updater {
   std::int64_t skipped_steps() const;
   /// The current loss scale (1 without loss scaling).
   double loss_scale() const;
+  /// Steps replayed from the captured CUDA graph so far (UpdaterOptions::cuda_graph; the
+  /// capture's own step counts as one); 0 without it.
+  std::int64_t graph_replays() const;
   /// The optimizer, as passed in.
   torch::optim::Optimizer& optimizer() { return optimizer_; }
   /// The iterator, as passed in.

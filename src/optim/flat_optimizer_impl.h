@@ -223,8 +223,9 @@ struct FlatOptimizer::Impl {
 #if MPU_HAS_CUDA
   /// All runs with the fused kernel (flat_step_cuda.cpp): one launch per kFusedMaxRuns runs.
   void step_fused();
-  /// The kernel arguments of every launch of the fused step, as the options and step counts are.
-  std::vector<kernels::FusedStepArgs> fused_launches() const;
+  /// The kernel arguments of the fused launch over runs [first, first + kFusedMaxRuns), as the
+  /// options and step counts are now.
+  void fill_launch(std::size_t first, kernels::FusedStepArgs& args) const;
   /// Writes the scalars of the next step into live_runs (see FlatOptimizer::stage_step).
   void stage_fused();
 #endif

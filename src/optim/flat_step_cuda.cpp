@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "cuda/fused_step.h"
 #include "flat/kernel_dtype.h"
@@ -116,73 +115,67 @@ kernels::FusedRun* live_runs_ptr(const torch::Tensor& live_runs) {
 
 }  // namespace
 
-// The kernel arguments of every launch of the step (kernels::kFusedMaxRuns runs each), from the
+// The kernel arguments of the launch over runs [first, first + kernels::kFusedMaxRuns), from the
 // optimizer's options and the parameters' step counts as they are now.
-std::vector<kernels::FusedStepArgs> FlatOptimizer::Impl::fused_launches() const {
-  const Impl& m = *this;
-  const Slots slots = slots_of(m.traits->kind);
-  kernels::FusedStepArgs args{};
+void FlatOptimizer::Impl::fill_launch(std::size_t first, kernels::FusedStepArgs& args) const {
+  const Slots slots = slots_of(traits->kind);
+  args = kernels::FusedStepArgs{};
   args.optimizer = slots.optimizer;
-  args.grad_dtype = kernel_dtype(m.flat_grad.scalar_type());
-  args.model_dtype = m.model_param.defined() ? kernel_dtype(m.model_param.scalar_type())
-                                             : kernels::FlatDtype::kFloat32;
-  args.grad_scale = static_cast<float>(m.grad_scale);
-  args.grad = m.flat_grad.data_ptr();
-  args.master = m.flat_param.data_ptr<float>();
-  args.model = m.model_param.defined() ? m.model_param.data_ptr() : nullptr;
+  args.grad_dtype = kernel_dtype(flat_grad.scalar_type());
+  args.model_dtype = model_param.defined() ? kernel_dtype(model_param.scalar_type())
+                                           : kernels::FlatDtype::kFloat32;
+  args.grad_scale = static_cast<float>(grad_scale);
+  args.grad = flat_grad.data_ptr();
+  args.master = flat_param.data_ptr<float>();
+  args.model = model_param.defined() ? model_param.data_ptr() : nullptr;
   for (int k = 0; k < kernels::kFusedMaxState; ++k) {
-    const int slot = slots.names[k] != nullptr ? m.field_index(slots.names[k]) : -1;
-    args.state[k] = slot >= 0 ? m.state[static_cast<std::size_t>(slot)].data_ptr<float>() : nullptr;
+    const int slot = slots.names[k] != nullptr ? field_index(slots.names[k]) : -1;
+    args.state[k] = slot >= 0 ? state[static_cast<std::size_t>(slot)].data_ptr<float>() : nullptr;
   }
-  args.state_begin = m.begin;
-  std::vector<kernels::FusedStepArgs> out;
-  const auto& groups = m.opt->param_groups();
-  for (std::size_t first = 0; first < m.runs.size(); first += kernels::kFusedMaxRuns) {
-    const std::size_t count =
-        std::min(m.runs.size() - first, static_cast<std::size_t>(kernels::kFusedMaxRuns));
-    args.num_runs = static_cast<int>(count);
-    for (std::size_t i = 0; i < count; ++i) {
-      const Run& r = m.runs[first + i];
-      const auto& options = groups[r.group].options();
-      const Param& p = m.params[r.first_param];
-      kernels::FusedRun k{};
-      switch (m.traits->kind) {
-        case detail::OptimizerKind::kSGD:
-          k = sgd_run(static_cast<const optim::SGDOptions&>(options), p.has_buffer);
-          break;
-        case detail::OptimizerKind::kAdam:
-          k = adam_run(static_cast<const optim::AdamOptions&>(options), p.step + 1, false);
-          break;
-        case detail::OptimizerKind::kAdamW:
-          k = adam_run(static_cast<const optim::AdamWOptions&>(options), p.step + 1, true);
-          break;
-        case detail::OptimizerKind::kAdagrad:
-          k = adagrad_run(static_cast<const optim::AdagradOptions&>(options), p.step + 1);
-          break;
-        case detail::OptimizerKind::kRMSprop:
-          k = rmsprop_run(static_cast<const optim::RMSpropOptions&>(options));
-          break;
-        case detail::OptimizerKind::kLBFGS:
-          MPU_THROW(Error, "FlatOptimizer::step: no flat step for ", m.traits->name);
-      }
-      k.begin = r.begin;
-      k.end = r.end;
-      args.runs[i] = k;
+  args.state_begin = begin;
+  const auto& groups = opt->param_groups();
+  const std::size_t count =
+      std::min(runs.size() - first, static_cast<std::size_t>(kernels::kFusedMaxRuns));
+  args.num_runs = static_cast<int>(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    const Run& r = runs[first + i];
+    const auto& options = groups[r.group].options();
+    const Param& p = params[r.first_param];
+    kernels::FusedRun k{};
+    switch (traits->kind) {
+      case detail::OptimizerKind::kSGD:
+        k = sgd_run(static_cast<const optim::SGDOptions&>(options), p.has_buffer);
+        break;
+      case detail::OptimizerKind::kAdam:
+        k = adam_run(static_cast<const optim::AdamOptions&>(options), p.step + 1, false);
+        break;
+      case detail::OptimizerKind::kAdamW:
+        k = adam_run(static_cast<const optim::AdamWOptions&>(options), p.step + 1, true);
+        break;
+      case detail::OptimizerKind::kAdagrad:
+        k = adagrad_run(static_cast<const optim::AdagradOptions&>(options), p.step + 1);
+        break;
+      case detail::OptimizerKind::kRMSprop:
+        k = rmsprop_run(static_cast<const optim::RMSpropOptions&>(options));
+        break;
+      case detail::OptimizerKind::kLBFGS:
+        MPU_THROW(Error, "FlatOptimizer::step: no flat step for ", traits->name);
     }
-    out.push_back(args);
+    k.begin = r.begin;
+    k.end = r.end;
+    args.runs[i] = k;
   }
-  return out;
 }
 
 void FlatOptimizer::Impl::step_fused() {
   if (runs.empty()) return;
   const c10::cuda::CUDAGuard guard(flat_param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(flat_param.device().index()).stream();
-  const auto launches = fused_launches();
   kernels::FusedRun* live = step_reads_live ? live_runs_ptr(live_runs) : nullptr;
-  for (std::size_t c = 0; c < launches.size(); ++c) {
-    MPU_CUDA_CHECK(kernels::fused_step(
-        launches[c], live != nullptr ? live + c * kernels::kFusedMaxRuns : nullptr, stream));
+  kernels::FusedStepArgs args;
+  for (std::size_t first = 0; first < runs.size(); first += kernels::kFusedMaxRuns) {
+    fill_launch(first, args);
+    MPU_CUDA_CHECK(kernels::fused_step(args, live != nullptr ? live + first : nullptr, stream));
   }
   // The kernel wrote behind autograd's back; let it see that the parameters and state changed.
   torch::autograd::impl::bump_version(flat_param);
@@ -194,18 +187,19 @@ void FlatOptimizer::Impl::stage_fused() {
   if (runs.empty()) return;
   const c10::cuda::CUDAGuard guard(flat_param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(flat_param.device().index()).stream();
-  const auto launches = fused_launches();
-  const auto slots = static_cast<std::int64_t>(launches.size()) * kernels::kFusedMaxRuns;
-  const auto bytes = slots * static_cast<std::int64_t>(sizeof(kernels::FusedRun));
+  const auto chunks = (runs.size() + kernels::kFusedMaxRuns - 1) / kernels::kFusedMaxRuns;
+  const auto bytes =
+      static_cast<std::int64_t>(chunks * kernels::kFusedMaxRuns * sizeof(kernels::FusedRun));
   if (!live_runs.defined()) {
     live_runs = torch::empty({bytes}, flat_param.options().dtype(torch::kUInt8));
   }
   MPU_CHECK(live_runs.numel() == bytes, "FlatOptimizer::stage_step: the step now has ", runs.size(),
             " runs, not as many as when its scalars were first staged (a lazily "
             "created state buffer split them); a captured step cannot follow that change");
-  for (std::size_t c = 0; c < launches.size(); ++c) {
-    MPU_CUDA_CHECK(kernels::fused_stage_runs(
-        launches[c], live_runs_ptr(live_runs) + c * kernels::kFusedMaxRuns, stream));
+  kernels::FusedStepArgs args;
+  for (std::size_t first = 0; first < runs.size(); first += kernels::kFusedMaxRuns) {
+    fill_launch(first, args);
+    MPU_CUDA_CHECK(kernels::fused_stage_runs(args, live_runs_ptr(live_runs) + first, stream));
   }
 }
 

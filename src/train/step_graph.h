@@ -33,8 +33,6 @@ class StepGraph {
   /// else a replay of the captured step (captured at the first step after the warm-up).
   virtual void step(Iterator& iterator, const UpdaterOptions& options, const LossFunction& loss_fn,
                     SyncEngine& engine, std::int64_t iteration) = 0;
-  /// True once the step has been captured.
-  virtual bool captured() const = 0;
   /// Steps replayed from the graph so far (the capture's own step counts as one).
   virtual std::int64_t replays() const = 0;
 };

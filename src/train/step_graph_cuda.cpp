@@ -70,7 +70,7 @@ class CudaStepGraph final : public StepGraph {
         if (!warned_) {
           MPU_LOG_INFO("cuda_graph: a batch of shape ", cat(in.data.sizes()),
                        " differs from the captured ", cat(data_.sizes()),
-                       "; such batches (the short last batch of an epoch) run eagerly");
+                       "; such batches (a converter or dataset that changes shapes) run eagerly");
           warned_ = true;
         }
         eager(in, options, loss_fn, engine, iteration);
@@ -82,7 +82,6 @@ class CudaStepGraph final : public StepGraph {
     after_.block(caller);
   }
 
-  bool captured() const override { return graph_ != nullptr; }
   std::int64_t replays() const override { return replays_; }
 
  private:

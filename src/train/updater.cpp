@@ -223,6 +223,10 @@ double StandardUpdater::loss_scale() const {
   return step_ ? step_->loss_scale() : 1.0;
 }
 
+std::int64_t StandardUpdater::graph_replays() const {
+  return graph_ ? graph_->replays() : 0;
+}
+
 // ------------------------------------------------------------------------------------------------
 // DistributedUpdater
 
