@@ -6,8 +6,9 @@ epoch.
 
 usage: bench/torch_fmnist_reference.py [--epochs 30] [--batch-size 128] [--lr 0.1]
            [--optimizer sgd|adam|adamw] [--momentum 0.9] [--weight-decay 5e-4]
-           [--schedule cosine|step|constant] [--warmup-epochs 1] [--crop-padding 2] [--seed 0]
-           [--precision fp32|bf16_autocast|fp16_autocast] [--channels-last] [--compile]
+           [--schedule cosine|step|constant] [--warmup-epochs 1] [--label-smoothing 0]
+           [--crop-padding 2] [--seed 0]
+           [--precision fp32|bf16_autocast|fp16_autocast] [--channels-last] [--cudnn-benchmark] [--compile]
            [--target-acc 0.94] [--json FILE] [--data DIR]
        torchrun --standalone --nproc-per-node N bench/torch_fmnist_reference.py ...   (DDP)
        bench/torch_fmnist_reference.py --device cpu --epochs 1 --limit-train 512 --limit-test 256
@@ -118,12 +119,16 @@ def parse_args(argv=None):
     p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"],
                    help="after the warm-up: cosine to 0, step (x0.1 at 50 %% and 75 %%), constant")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up from 0 (default: 1 on cuda, 0.25 on cpu)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the cross-entropy loss (default: 0)")
     p.add_argument("--crop-padding", type=int, default=2, help="zero padding of the random 28x28 crop (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32; *_autocast: fp32 parameters, forward and loss under torch.autocast "
                         "(fp16 with GradScaler, cuda only) (default: fp32)")
     p.add_argument("--channels-last", action="store_true", help="model and images in channels_last")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True (off by default, as in mpu_resnet)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
@@ -164,6 +169,8 @@ def parse_args(argv=None):
         p.error(f"--weight-decay {a.weight_decay}: needs to be at least 0")
     if not a.warmup_epochs >= 0:
         p.error(f"--warmup-epochs {a.warmup_epochs}: needs to be at least 0")
+    if not 0 <= a.label_smoothing < 1:
+        p.error(f"--label-smoothing {a.label_smoothing}: needs to be in [0, 1)")
     if not 0 <= a.crop_padding <= 14:
         p.error(f"--crop-padding {a.crop_padding}: needs to be in [0, 14]")
     if a.limit_train < 0 or a.limit_test < 0:
@@ -442,7 +449,7 @@ def main(argv=None):
             dist.barrier()
 
     try:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = a.cudnn_benchmark
         train_images, train_labels = load_split(a.data, TRAIN_FILES, a.limit_train)
         test_images, test_labels = load_split(a.data, TEST_FILES, a.limit_test)
         n_train = train_images.size(0)
@@ -551,7 +558,7 @@ def main(argv=None):
                 yb = y[i * a.batch_size:(i + 1) * a.batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 with autocast():
-                    loss = F.cross_entropy(model(xb).float(), yb)
+                    loss = F.cross_entropy(model(xb).float(), yb, label_smoothing=a.label_smoothing)
                 if scaler is None:
                     loss.backward()
                     optimizer.step()
