@@ -454,3 +454,42 @@ TEST_CASE("DistributedUpdater names the first parameter that differs between ran
     }
   });
 }
+
+TEST_CASE("The engine's layout keeps zero-copy views 16-byte aligned behind a small bias",
+          "[updater]") {
+  // In reverse registration order a 10-class head's bias (10 floats, 40 bytes) comes first, and
+  // every view behind it would start 8 bytes off 16-byte alignment. The engine moves parameters
+  // whose size is not a multiple of 8 elements to the end and keeps the rest in reverse order.
+  mpu::manual_seed(1);
+  auto net = torch::nn::Sequential(torch::nn::Linear(12, 32), torch::nn::Tanh(),
+                                   torch::nn::Linear(32, 10));
+  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  auto data = std::make_shared<mpu::TensorDataset>(torch::randn({8, 12}),
+                                                   torch::randint(0, 10, {8}, torch::kLong));
+  auto it = std::make_shared<mpu::Iterator>(data, mpu::IteratorOptions(4));
+  mpu::LossFunction loss = [net](const mpu::Batch& b) mutable {
+    return torch::nn::functional::cross_entropy(net->forward(b.data), b.target);
+  };
+  std::vector<std::shared_ptr<mpu::Iterator>> its{it};
+  mpu::MultiprocessParallelUpdater u(net.ptr(), opt, its, loss,
+                                     std::vector<torch::Device>{torch::kCPU});
+  const auto at = [&net](const char* name) {
+    return reinterpret_cast<std::uintptr_t>(net->named_parameters()[name].data_ptr());
+  };
+  const auto check_layout = [&] {
+    const std::uintptr_t base = at("2.weight");  // first: the last layer's weight
+    CHECK(at("0.bias") == base + 320 * sizeof(float));
+    CHECK(at("0.weight") == base + (320 + 32) * sizeof(float));
+    CHECK(at("2.bias") == base + (320 + 32 + 384) * sizeof(float));  // last: 10 elements
+    for (const char* name : {"2.weight", "0.bias", "0.weight", "2.bias"}) {
+      INFO(name);
+      CHECK(at(name) % 16 == 0);
+    }
+  };
+  for (int i = 0; i < 3; ++i) {
+    u.update();  // the engine is built at the first update
+    INFO("after update " << i + 1);
+    check_layout();
+  }
+  u.finalize();
+}
