@@ -47,6 +47,8 @@ How it runs (no host synchronisation inside an epoch):
   with torch.amp.GradScaler at its defaults. --optimizer-impl auto takes PyTorch's fused
   optimizer on GPUs (its step also takes GradScaler's scale and overflow flag on the device, so
   that fp16 steps need no host synchronisation either), PyTorch's default elsewhere. The loss is summed on the device and read once per epoch.
+- cuDNN autotuning (torch.backends.cudnn.benchmark) is off unless --cudnn-benchmark, as in
+  mpu_resnet: on one H100 it cost seconds of start-up for a few per cent faster steps.
 - --channels-last converts the model and the images; --compile wraps the (DDP) model in
   torch.compile (compilation falls in the first epoch's time).
 - DDP (torchrun, WORLD_SIZE > 1): NCCL on GPUs, Gloo on CPUs; default buckets,
