@@ -4,6 +4,7 @@
 # [cuda_graph] and [nccl] tests, fp32 channels_last runs under CUDA_LAUNCH_BLOCKING (the
 # "misaligned address" of 2026-12-07), and 10-epoch time-to-accuracy runs of both systems.
 # Usage on the GPU machine, .device carried (../shared/device/README.md): bash bench/issue21_device_run.sh $OUT
+OUT=${1:?usage: bench/issue21_device_run.sh OUT_DIR}
 T_START=$(date +%s)
 L=/tmp/logs; rm -rf $L; mkdir -p $L
 snap() { tar -C /tmp -czf $OUT/logs.tgz.part logs && mv $OUT/logs.tgz.part $OUT/logs.tgz; }
